@@ -1,0 +1,748 @@
+//! `POST /v1/batches` and the batch reads.
+//!
+//! A batch is validated whole before anything is stored: every bad operation is reported
+//! by index, and a rejected batch writes nothing. An accepted batch is committed in one
+//! transaction (all its jobs in one statement), answered 202, and then published to the
+//! broker in the background; if that publish fails or the process dies first, the
+//! scheduler's relay publishes the jobs instead.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use axum::Extension;
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use chrono::{DateTime, Utc};
+use pinq_core::cid::PinCid;
+use pinq_core::db::{self, NewBatch, NewJob, StateCounts, Stored};
+use pinq_core::model::{BackendName, JobState, Op, Priority};
+use pinq_core::retry::RetryPolicy;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult, Problem};
+
+/// Most problems listed in one error response; the message says how many there were.
+const MAX_PROBLEMS: usize = 1000;
+const MAX_NAME_LEN: usize = 255;
+const MAX_META_BYTES: usize = 4096;
+const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+#[derive(Debug, Serialize)]
+pub struct Submitted {
+    pub id: Uuid,
+    pub jobs: i64,
+}
+
+pub async fn submit(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<Submitted>)> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(
+                "request body is larger than the server accepts (PINQ_MAX_BODY_BYTES)".into(),
+            )
+        } else {
+            ApiError::invalid(format!("could not read the request body: {e}"), vec![])
+        }
+    })?;
+    check_json_content_type(&headers)?;
+    let idempotency_key = idempotency_key(&headers)?;
+    let request = parse_request(&body, state.max_batch_ops, state.default_retry)?;
+
+    // Resolve backend names: the requested ones must all exist; none named means every
+    // enabled backend.
+    let backends = if request.backends.is_empty() {
+        let all: Vec<_> = db::list_backends(&state.pool)
+            .await?
+            .into_iter()
+            .filter(|b| b.enabled)
+            .collect();
+        if all.is_empty() {
+            return Err(ApiError::invalid(
+                "no backend is registered; add one with POST /v1/backends",
+                vec![Problem::at("/backends", "no enabled backend to pin on")],
+            ));
+        }
+        all
+    } else {
+        let names: Vec<String> = request
+            .backends
+            .iter()
+            .map(|b| b.as_str().to_owned())
+            .collect();
+        let found = db::backends_by_name(&state.pool, &names).await?;
+        let by_name: HashMap<&str, _> = found.iter().map(|b| (b.name.as_str(), b)).collect();
+        let problems: Vec<Problem> = names
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| !by_name.contains_key(n.as_str()))
+            .map(|(i, n)| Problem::at(format!("/backends/{i}"), format!("unknown backend '{n}'")))
+            .collect();
+        if !problems.is_empty() {
+            return Err(ApiError::invalid("batch names unknown backends", problems));
+        }
+        names
+            .iter()
+            .filter_map(|n| by_name.get(n.as_str()).map(|b| (*b).clone()))
+            .collect()
+    };
+
+    let mut jobs = Vec::with_capacity(request.ops.len() * backends.len());
+    for (seq, op) in request.ops.iter().enumerate() {
+        for backend in &backends {
+            jobs.push(NewJob {
+                id: Uuid::new_v4(),
+                seq: seq as i32,
+                backend_id: backend.id,
+                op: op.op,
+                cid: op.cid.to_string(),
+                replaces_cid: op.replaces.map(|c| c.to_string()),
+                name: op.name.clone(),
+                meta: Value::Object(op.meta.clone()),
+            });
+        }
+    }
+    let batch = NewBatch {
+        id: Uuid::new_v4(),
+        owner: caller.owner.clone(),
+        priority: request.priority,
+        backends: backends.iter().map(|b| b.name.clone()).collect(),
+        retry: request.retry,
+        idempotency_key,
+        jobs,
+    };
+    match db::insert_batch(&state.pool, &batch).await? {
+        Stored::Created { id, jobs } => {
+            let count = jobs.len() as i64;
+            tracing::info!(batch_id = %id, jobs = count, priority = batch.priority.get(), "batch accepted");
+            dispatch(&state, jobs);
+            Ok((StatusCode::ACCEPTED, Json(Submitted { id, jobs: count })))
+        }
+        Stored::Existing { id, job_count } => Ok((
+            StatusCode::OK,
+            Json(Submitted {
+                id,
+                jobs: i64::from(job_count),
+            }),
+        )),
+    }
+}
+
+/// Publishes freshly committed jobs in the background. Failure is logged, not returned:
+/// the jobs are safe in PostgreSQL and the relay publishes whatever stays undispatched.
+pub(crate) fn dispatch(state: &AppState, jobs: Vec<(Uuid, Priority)>) {
+    let publisher = state.publisher.clone();
+    let pool = state.pool.clone();
+    state.dispatches.spawn(async move {
+        for chunk in jobs.chunks(1000) {
+            match publisher.publish_jobs(chunk).await {
+                Ok(()) => {
+                    let ids: Vec<Uuid> = chunk.iter().map(|(id, _)| *id).collect();
+                    if let Err(e) = db::mark_dispatched(&pool, &ids).await {
+                        // The messages are out; the relay may publish duplicates, which
+                        // workers drop because claims are fenced.
+                        tracing::warn!(error = %e, "failed to mark jobs dispatched");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, jobs = jobs.len(), "publish failed; the relay will dispatch these jobs");
+                    return;
+                }
+            }
+        }
+    });
+}
+
+fn check_json_content_type(headers: &HeaderMap) -> ApiResult<()> {
+    match headers.get(header::CONTENT_TYPE) {
+        None => Ok(()),
+        Some(v) => {
+            let v = v.to_str().unwrap_or("");
+            let mime = v.split(';').next().unwrap_or("").trim();
+            if mime.eq_ignore_ascii_case("application/json") || mime.ends_with("+json") {
+                Ok(())
+            } else {
+                Err(ApiError::UnsupportedMediaType(format!(
+                    "Content-Type must be application/json, not '{v}'"
+                )))
+            }
+        }
+    }
+}
+
+fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = v.to_str().map_err(|_| {
+        ApiError::invalid(
+            "Idempotency-Key must be visible ASCII",
+            vec![Problem::at("header:Idempotency-Key", "not visible ASCII")],
+        )
+    })?;
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+        return Err(ApiError::invalid(
+            format!("Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters"),
+            vec![Problem::at("header:Idempotency-Key", "wrong length")],
+        ));
+    }
+    Ok(Some(key.to_owned()))
+}
+
+/// A validated batch request.
+#[derive(Debug)]
+pub(crate) struct BatchRequest {
+    pub priority: Priority,
+    pub backends: Vec<BackendName>,
+    pub retry: RetryPolicy,
+    pub ops: Vec<ValidOp>,
+}
+
+#[derive(Debug)]
+pub(crate) struct ValidOp {
+    pub op: Op,
+    pub cid: PinCid,
+    pub replaces: Option<PinCid>,
+    pub name: Option<String>,
+    pub meta: Map<String, Value>,
+}
+
+/// Parses and validates a batch body, collecting every problem rather than stopping at
+/// the first.
+pub(crate) fn parse_request(
+    body: &[u8],
+    max_ops: usize,
+    default_retry: RetryPolicy,
+) -> ApiResult<BatchRequest> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| ApiError::Invalid {
+        code: "malformed_json",
+        message: format!(
+            "request body is not valid JSON: {e} (line {}, column {})",
+            e.line(),
+            e.column()
+        ),
+        details: vec![],
+    })?;
+    let Value::Object(mut obj) = value else {
+        return Err(ApiError::invalid(
+            "request body must be a JSON object",
+            vec![Problem::at("", "expected an object")],
+        ));
+    };
+
+    let mut problems = Vec::new();
+    let ops_value = obj.remove("ops");
+    let priority = match obj.remove("priority") {
+        None | Some(Value::Null) => Priority::DEFAULT,
+        Some(v) => match v.as_i64().map(Priority::new) {
+            Some(Ok(p)) => p,
+            Some(Err(e)) => {
+                problems.push(Problem::at("/priority", e.to_string()));
+                Priority::DEFAULT
+            }
+            None => {
+                problems.push(Problem::at(
+                    "/priority",
+                    format!("priority must be an integer from 0 to 9, got {v}"),
+                ));
+                Priority::DEFAULT
+            }
+        },
+    };
+    let backends = match obj.remove("backends") {
+        None | Some(Value::Null) => vec![],
+        Some(Value::Array(items)) => {
+            let mut names = Vec::new();
+            for (i, item) in items.iter().enumerate() {
+                match item.as_str().map(BackendName::parse) {
+                    Some(Ok(n)) => {
+                        if names.contains(&n) {
+                            problems.push(Problem::at(
+                                format!("/backends/{i}"),
+                                format!("backend '{}' is listed twice", n.as_str()),
+                            ));
+                        } else {
+                            names.push(n);
+                        }
+                    }
+                    Some(Err(e)) => problems.push(Problem::at(format!("/backends/{i}"), e.to_string())),
+                    None => problems.push(Problem::at(
+                        format!("/backends/{i}"),
+                        "backend names are strings",
+                    )),
+                }
+            }
+            names
+        }
+        Some(_) => {
+            problems.push(Problem::at(
+                "/backends",
+                "backends must be an array of backend names",
+            ));
+            vec![]
+        }
+    };
+    let retry = match obj.remove("retry") {
+        None | Some(Value::Null) => default_retry,
+        Some(v) => parse_retry(v, default_retry, &mut problems),
+    };
+    for key in obj.keys() {
+        problems.push(Problem::at(
+            format!("/{key}"),
+            format!("unknown field '{key}'; expected ops, priority, backends, retry"),
+        ));
+    }
+
+    let items = match ops_value {
+        Some(Value::Array(items)) => items,
+        None | Some(Value::Null) => {
+            problems.push(Problem::at("/ops", "ops is required: an array of operations"));
+            vec![]
+        }
+        Some(_) => {
+            problems.push(Problem::at("/ops", "ops must be an array of operations"));
+            vec![]
+        }
+    };
+    if items.len() > max_ops {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "a batch holds at most {max_ops} operations; this one has {}. Split it into several batches",
+            items.len()
+        )));
+    }
+    if items.is_empty() && problems.iter().all(|p| p.path != "/ops") {
+        problems.push(Problem::at("/ops", "ops must hold at least one operation"));
+    }
+    let mut ops = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        if let Some(op) = parse_op(i, item, &mut problems) {
+            ops.push(op);
+        }
+    }
+
+    if problems.is_empty() {
+        return Ok(BatchRequest {
+            priority,
+            backends,
+            retry,
+            ops,
+        });
+    }
+    let total = problems.len();
+    let bad_ops: std::collections::BTreeSet<usize> = problems.iter().filter_map(|p| p.index).collect();
+    problems.truncate(MAX_PROBLEMS);
+    let mut message = if bad_ops.is_empty() {
+        format!("batch rejected: {total} problem(s); nothing was stored")
+    } else {
+        format!(
+            "batch rejected: {} invalid operation(s), {total} problem(s) in all; nothing was stored",
+            bad_ops.len()
+        )
+    };
+    if total > MAX_PROBLEMS {
+        message.push_str(&format!(" (the first {MAX_PROBLEMS} are listed)"));
+    }
+    Err(ApiError::invalid(message, problems))
+}
+
+fn parse_retry(v: Value, default: RetryPolicy, problems: &mut Vec<Problem>) -> RetryPolicy {
+    let Value::Object(obj) = v else {
+        problems.push(Problem::at("/retry", "retry must be an object"));
+        return default;
+    };
+    let mut policy = default;
+    for (key, value) in obj {
+        let path = format!("/retry/{key}");
+        let as_u64 = value.as_u64();
+        match key.as_str() {
+            "max_attempts" => match as_u64.and_then(|n| u32::try_from(n).ok()) {
+                Some(n) => policy.max_attempts = n,
+                None => problems.push(Problem::at(path, "max_attempts must be a positive integer")),
+            },
+            "base_ms" => match as_u64 {
+                Some(n) => policy.base = Duration::from_millis(n),
+                None => problems.push(Problem::at(path, "base_ms must be a non-negative integer")),
+            },
+            "max_delay_ms" => match as_u64 {
+                Some(n) => policy.max_delay = Duration::from_millis(n),
+                None => problems.push(Problem::at(path, "max_delay_ms must be a non-negative integer")),
+            },
+            "factor" => match value.as_f64() {
+                Some(f) => policy.factor = f,
+                None => problems.push(Problem::at(path, "factor must be a number")),
+            },
+            _ => problems.push(Problem::at(
+                path,
+                format!("unknown field '{key}'; expected max_attempts, base_ms, factor, max_delay_ms"),
+            )),
+        }
+    }
+    match policy.validate() {
+        Ok(p) => p,
+        Err(e) => {
+            problems.push(Problem::at("/retry", e.to_string()));
+            default
+        }
+    }
+}
+
+fn parse_op(i: usize, item: Value, problems: &mut Vec<Problem>) -> Option<ValidOp> {
+    let Value::Object(mut obj) = item else {
+        problems.push(Problem::op(i, "", "each operation must be an object like {\"op\":\"pin\",\"cid\":\"…\"}"));
+        return None;
+    };
+    let before = problems.len();
+    let op = match obj.remove("op") {
+        Some(Value::String(s)) => match s.parse::<Op>() {
+            Ok(op) => Some(op),
+            Err(_) => {
+                problems.push(Problem::op(
+                    i,
+                    "op",
+                    format!("unknown op '{s}'; expected pin, unpin or replace"),
+                ));
+                None
+            }
+        },
+        Some(_) => {
+            problems.push(Problem::op(i, "op", "op must be a string: pin, unpin or replace"));
+            None
+        }
+        None => {
+            problems.push(Problem::op(i, "op", "op is required: pin, unpin or replace"));
+            None
+        }
+    };
+    let cid = parse_cid_field(i, "cid", obj.remove("cid"), true, problems);
+    let replaces = parse_cid_field(i, "replaces", obj.remove("replaces"), op == Some(Op::Replace), problems);
+    if replaces.is_some() && op.is_some_and(|o| o != Op::Replace) {
+        problems.push(Problem::op(i, "replaces", "replaces is only allowed with op 'replace'"));
+    }
+    let name = match obj.remove("name") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.chars().count() <= MAX_NAME_LEN => Some(s),
+        Some(Value::String(_)) => {
+            problems.push(Problem::op(i, "name", format!("name is longer than {MAX_NAME_LEN} characters")));
+            None
+        }
+        Some(_) => {
+            problems.push(Problem::op(i, "name", "name must be a string"));
+            None
+        }
+    };
+    let meta = match obj.remove("meta") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(m)) => {
+            let size = serde_json::to_vec(&m).map(|v| v.len()).unwrap_or(usize::MAX);
+            if size > MAX_META_BYTES {
+                problems.push(Problem::op(i, "meta", format!("meta is larger than {MAX_META_BYTES} bytes")));
+            }
+            m
+        }
+        Some(_) => {
+            problems.push(Problem::op(i, "meta", "meta must be an object"));
+            Map::new()
+        }
+    };
+    let unknown: BTreeMap<_, _> = obj.into_iter().collect();
+    for key in unknown.keys() {
+        problems.push(Problem::op(
+            i,
+            key,
+            format!("unknown field '{key}'; expected op, cid, replaces, name, meta"),
+        ));
+    }
+    if problems.len() != before {
+        return None;
+    }
+    Some(ValidOp {
+        op: op?,
+        cid: cid?,
+        replaces,
+        name,
+        meta,
+    })
+}
+
+fn parse_cid_field(
+    i: usize,
+    field: &str,
+    value: Option<Value>,
+    required: bool,
+    problems: &mut Vec<Problem>,
+) -> Option<PinCid> {
+    match value {
+        None | Some(Value::Null) => {
+            if required {
+                problems.push(Problem::op(i, field, format!("{field} is required")));
+            }
+            None
+        }
+        Some(Value::String(s)) => match PinCid::parse(&s) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                problems.push(Problem::op(i, field, format!("'{}': {e}", clip(&s))));
+                None
+            }
+        },
+        Some(_) => {
+            problems.push(Problem::op(i, field, format!("{field} must be a string holding a CID")));
+            None
+        }
+    }
+}
+
+/// Echoes at most 100 characters of client input back in an error message.
+fn clip(s: &str) -> String {
+    if s.chars().count() <= 100 {
+        s.to_owned()
+    } else {
+        format!("{}…", s.chars().take(100).collect::<String>())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Reads
+
+#[derive(Debug, Serialize)]
+pub struct BatchView {
+    pub id: Uuid,
+    pub state: &'static str,
+    pub priority: i16,
+    pub backends: Vec<String>,
+    pub retry: Value,
+    pub jobs: i32,
+    pub counts: StateCounts,
+    pub created_at: DateTime<Utc>,
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<BatchView>> {
+    let id = parse_id(&id, "batch")?;
+    let batch = db::get_batch(&state.pool, id, caller.owner_filter())
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no batch {id}")))?;
+    let counts = db::batch_counts(&state.pool, id).await?;
+    Ok(Json(BatchView {
+        id,
+        state: if counts.is_done() { "done" } else { "running" },
+        priority: batch.priority,
+        backends: batch.backends,
+        retry: batch.retry.0,
+        jobs: batch.job_count,
+        counts,
+        created_at: batch.created_at,
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    limit: Option<i64>,
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<Value>> {
+    let limit = page_limit(q.limit)?;
+    let rows: Vec<(Uuid, i16, i32, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT id, priority, job_count, created_at FROM batches
+         WHERE ($1::text IS NULL OR owner = $1) ORDER BY created_at DESC, id LIMIT $2",
+    )
+    .bind(caller.owner_filter())
+    .bind(limit)
+    .fetch_all(&state.pool)
+    .await?;
+    let batches: Vec<Value> = rows
+        .into_iter()
+        .map(|(id, priority, jobs, created_at)| {
+            serde_json::json!({"id": id, "priority": priority, "jobs": jobs, "created_at": created_at})
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "batches": batches })))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct JobsQuery {
+    limit: Option<i64>,
+    /// Opaque cursor from the previous page's `next`.
+    after: Option<String>,
+    state: Option<String>,
+}
+
+pub async fn jobs(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    Query(q): Query<JobsQuery>,
+) -> ApiResult<Json<Value>> {
+    let id = parse_id(&id, "batch")?;
+    db::get_batch(&state.pool, id, caller.owner_filter())
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no batch {id}")))?;
+    let limit = page_limit(q.limit)?;
+    let after = q.after.as_deref().map(parse_cursor).transpose()?;
+    let job_state = q
+        .state
+        .as_deref()
+        .map(|s| {
+            s.parse::<JobState>().map_err(|_| {
+                ApiError::invalid(
+                    format!("unknown state '{s}'"),
+                    vec![Problem::at("query:state", "expected queued, running, retry_wait, succeeded, failed or cancelled")],
+                )
+            })
+        })
+        .transpose()?;
+    let rows = db::batch_jobs(&state.pool, id, after, job_state, limit).await?;
+    let next = if rows.len() as i64 == limit {
+        rows.last().map(|j| format!("{}.{}", j.seq, j.id))
+    } else {
+        None
+    };
+    Ok(Json(serde_json::json!({ "jobs": rows, "next": next })))
+}
+
+fn parse_cursor(s: &str) -> ApiResult<(i32, Uuid)> {
+    let bad = || {
+        ApiError::invalid(
+            "invalid cursor; pass the 'next' value of the previous page as 'after'",
+            vec![Problem::at("query:after", "not a cursor")],
+        )
+    };
+    let (seq, id) = s.split_once('.').ok_or_else(bad)?;
+    Ok((seq.parse().map_err(|_| bad())?, id.parse().map_err(|_| bad())?))
+}
+
+pub(crate) fn page_limit(limit: Option<i64>) -> ApiResult<i64> {
+    match limit {
+        None => Ok(100),
+        Some(n) if (1..=1000).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::invalid(
+            format!("limit must be from 1 to 1000, got {n}"),
+            vec![Problem::at("query:limit", "out of range")],
+        )),
+    }
+}
+
+pub(crate) fn parse_id(s: &str, what: &str) -> ApiResult<Uuid> {
+    s.parse()
+        .map_err(|_| ApiError::NotFound(format!("no {what} {s}: ids are UUIDs")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const V0: &str = "QmdfTbBqBPQ7VNxZEYEj14VmRuZBkqFbiwReogJgS1zR1n";
+
+    fn parse(body: &str) -> ApiResult<BatchRequest> {
+        parse_request(body.as_bytes(), 10, RetryPolicy::default())
+    }
+
+    fn problems(r: ApiResult<BatchRequest>) -> Vec<Problem> {
+        match r {
+            Err(ApiError::Invalid { details, .. }) => details,
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn accepts_a_plain_batch_with_defaults() {
+        let r = parse(&format!(r#"{{"ops":[{{"op":"pin","cid":"{V0}","name":"a"}}]}}"#)).unwrap();
+        assert_eq!(r.priority, Priority::DEFAULT);
+        assert!(r.backends.is_empty());
+        assert_eq!(r.ops.len(), 1);
+        assert_eq!(r.ops[0].name.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn names_every_bad_op_by_index() {
+        let body = format!(
+            r#"{{"priority":12,"ops":[
+                {{"op":"pin","cid":"{V0}"}},
+                {{"op":"pin","cid":"/ipfs/{V0}"}},
+                {{"op":"frobnicate","cid":"{V0}"}},
+                {{"op":"unpin","cid":"nope"}},
+                {{"op":"pin"}},
+                5
+            ]}}"#
+        );
+        let p = problems(parse(&body));
+        let indexed: Vec<(Option<usize>, &str)> =
+            p.iter().map(|p| (p.index, p.path.as_str())).collect();
+        assert!(indexed.contains(&(None, "/priority")));
+        assert!(indexed.contains(&(Some(1), "/ops/1/cid")));
+        assert!(indexed.contains(&(Some(2), "/ops/2/op")));
+        assert!(indexed.contains(&(Some(3), "/ops/3/cid")));
+        assert!(indexed.contains(&(Some(4), "/ops/4/cid")));
+        assert!(indexed.contains(&(Some(5), "/ops/5")));
+        assert!(!p.iter().any(|p| p.index == Some(0)));
+    }
+
+    #[test]
+    fn too_many_ops_is_413() {
+        let op = format!(r#"{{"op":"pin","cid":"{V0}"}}"#);
+        let body = format!(r#"{{"ops":[{}]}}"#, vec![op; 11].join(","));
+        assert!(matches!(parse(&body), Err(ApiError::PayloadTooLarge(_))));
+    }
+
+    #[test]
+    fn malformed_json_says_where() {
+        match parse(r#"{"ops": [ }"#) {
+            Err(ApiError::Invalid { code, message, .. }) => {
+                assert_eq!(code, "malformed_json");
+                assert!(message.contains("line 1"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn replace_needs_replaces() {
+        let p = problems(parse(&format!(r#"{{"ops":[{{"op":"replace","cid":"{V0}"}}]}}"#)));
+        assert_eq!(p[0].path, "/ops/0/replaces");
+        let ok = parse(&format!(
+            r#"{{"ops":[{{"op":"replace","cid":"{V0}","replaces":"{V0}"}}]}}"#
+        ));
+        assert!(ok.is_ok());
+    }
+
+    #[test]
+    fn retry_policy_is_validated() {
+        let p = problems(parse(&format!(
+            r#"{{"retry":{{"max_attempts":0}},"ops":[{{"op":"pin","cid":"{V0}"}}]}}"#
+        )));
+        assert_eq!(p[0].path, "/retry");
+        let r = parse(&format!(
+            r#"{{"retry":{{"max_attempts":3,"base_ms":10,"max_delay_ms":100}},"ops":[{{"op":"pin","cid":"{V0}"}}]}}"#
+        ))
+        .unwrap();
+        assert_eq!(r.retry.max_attempts, 3);
+        assert_eq!(r.retry.base, Duration::from_millis(10));
+    }
+
+    #[test]
+    fn unknown_fields_are_reported() {
+        let p = problems(parse(&format!(
+            r#"{{"prio":1,"ops":[{{"op":"pin","cid":"{V0}","nmae":"x"}}]}}"#
+        )));
+        let paths: Vec<&str> = p.iter().map(|p| p.path.as_str()).collect();
+        assert!(paths.contains(&"/prio"));
+        assert!(paths.contains(&"/ops/0/nmae"));
+    }
+}

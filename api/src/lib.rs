@@ -1,0 +1,169 @@
+//! pinq-api: the HTTP server. Batch submission and inspection, backends, health.
+//!
+//! Only this crate knows HTTP request and response shapes. It writes jobs to PostgreSQL
+//! and then publishes their messages; it never talks to an IPFS backend.
+
+mod auth;
+mod backends;
+mod batches;
+mod error;
+mod health;
+mod jobs;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use pinq_core::amqp::Publisher;
+use pinq_core::config::{ApiArgs, LogArgs, RetryArgs, ServiceArgs};
+use pinq_core::retry::RetryPolicy;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_http::timeout::TimeoutLayer;
+
+pub use error::{ApiError, Problem};
+
+/// Command-line and environment settings of `pinq-api`.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "pinq-api", version, about = "pinq HTTP API server")]
+pub struct Args {
+    #[command(flatten)]
+    pub services: ServiceArgs,
+    #[command(flatten)]
+    pub api: ApiArgs,
+    #[command(flatten)]
+    pub retry: RetryArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub publisher: Arc<Publisher>,
+    admin_token: Arc<str>,
+    pub default_retry: RetryPolicy,
+    pub max_batch_ops: usize,
+    /// Background publishes still under way; drained on shutdown.
+    pub dispatches: TaskTracker,
+}
+
+/// A bound, not yet serving, API server.
+pub struct Server {
+    listener: TcpListener,
+    router: Router,
+    state: AppState,
+}
+
+impl Server {
+    /// Connects to PostgreSQL, checks the schema is migrated, and binds the listener.
+    /// The broker is connected lazily: the API accepts batches while RabbitMQ is down.
+    pub async fn build(args: Args) -> anyhow::Result<Server> {
+        if args.api.admin_token.trim().len() < 16 {
+            anyhow::bail!(
+                "PINQ_ADMIN_TOKEN must be set to a secret of at least 16 characters (see .env.example)"
+            );
+        }
+        let default_retry = args
+            .retry
+            .policy()
+            .validate()
+            .context("invalid default retry policy (PINQ_RETRY_*)")?;
+        // A lazy pool: the server starts and answers 503 while PostgreSQL is down, and
+        // connects as soon as it is back.
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(args.services.db_max_connections)
+            .acquire_timeout(Duration::from_secs(3))
+            .connect_lazy(&args.services.database_url)
+            .context("invalid DATABASE_URL")?;
+        let publisher = Arc::new(Publisher::new(
+            &args.services.amqp_url,
+            &args.services.queue,
+        ));
+        let state = AppState {
+            pool,
+            publisher,
+            admin_token: Arc::from(args.api.admin_token.trim()),
+            default_retry,
+            max_batch_ops: args.api.max_batch_ops,
+            dispatches: TaskTracker::new(),
+        };
+        let router = router(
+            state.clone(),
+            args.api.max_body_bytes,
+            Duration::from_secs(args.api.request_timeout_secs),
+        );
+        let listener = TcpListener::bind(args.api.api_addr)
+            .await
+            .with_context(|| format!("failed to bind {}", args.api.api_addr))?;
+        Ok(Server {
+            listener,
+            router,
+            state,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains requests and outstanding
+    /// publishes (each with a deadline).
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let addr = self.local_addr()?;
+        tracing::info!(%addr, "pinq-api listening");
+        // A line on stdout that launchers and tests wait for.
+        println!("pinq-api listening on http://{addr}");
+        let drain = shutdown.clone();
+        let serve = axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(async move { drain.cancelled().await });
+        let serve = tokio::spawn(async move { serve.await });
+        shutdown.cancelled().await;
+        match tokio::time::timeout(Duration::from_secs(10), serve).await {
+            Ok(r) => r.context("server task panicked")??,
+            Err(_) => tracing::warn!("requests still running after 10 s; stopping anyway"),
+        }
+        self.state.dispatches.close();
+        if tokio::time::timeout(Duration::from_secs(10), self.state.dispatches.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("publishes still running after 10 s; the relay will dispatch those jobs");
+        }
+        self.state.publisher.close().await;
+        self.state.pool.close().await;
+        tracing::info!("pinq-api stopped");
+        Ok(())
+    }
+}
+
+fn router(state: AppState, max_body_bytes: usize, request_timeout: Duration) -> Router {
+    let authed = Router::new()
+        .route("/v1/backends", post(backends::create).get(backends::list))
+        .route("/v1/batches", post(batches::submit).get(batches::list))
+        .route("/v1/batches/{id}", get(batches::get))
+        .route("/v1/batches/{id}/jobs", get(batches::jobs))
+        .route("/v1/jobs/{id}", get(jobs::get))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ));
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .merge(authed)
+        .fallback(health::not_found)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(TimeoutLayer::with_status_code(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            request_timeout,
+        ))
+        .with_state(state)
+}

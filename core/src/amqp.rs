@@ -1,0 +1,256 @@
+//! RabbitMQ: the dispatch fabric. A message says "these jobs are due", nothing more; the
+//! jobs themselves live in PostgreSQL.
+//!
+//! Topology: one durable classic queue (default `pinq.jobs`) with `x-max-priority = 9`,
+//! published to through the default exchange. Messages are persistent, carry the job's
+//! priority, and are published with publisher confirms: a publish counts only once the
+//! broker acknowledged it.
+
+use std::time::Duration;
+
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+use uuid::Uuid;
+
+use crate::model::Priority;
+
+/// Highest message priority the queue honours.
+pub const MAX_PRIORITY: u8 = Priority::MAX;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a group of publishes may wait for the broker's confirms.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The body of a job message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobMessage {
+    pub jobs: Vec<Uuid>,
+}
+
+impl JobMessage {
+    /// The encoded body of a message for one job.
+    pub fn single(id: Uuid) -> Vec<u8> {
+        format!(r#"{{"jobs":["{id}"]}}"#).into_bytes()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AmqpError {
+    #[error("could not reach RabbitMQ within {0:?}")]
+    ConnectTimeout(Duration),
+    #[error("RabbitMQ did not confirm the publish within {0:?}")]
+    ConfirmTimeout(Duration),
+    #[error("RabbitMQ refused (nacked) a publish")]
+    Nacked,
+    #[error("RabbitMQ error: {0}")]
+    Broker(#[from] lapin::Error),
+}
+
+/// Opens a connection with a bounded wait.
+pub async fn connect(url: &str, name: &str) -> Result<Connection, AmqpError> {
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, props)).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(AmqpError::ConnectTimeout(CONNECT_TIMEOUT)),
+    }
+}
+
+/// Declares the job queue (idempotent: every process declares it on connect).
+pub async fn declare_queue(channel: &Channel, queue: &str) -> Result<(), AmqpError> {
+    let mut args = FieldTable::default();
+    args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(MAX_PRIORITY));
+    channel
+        .queue_declare(
+            ShortString::from(queue),
+            QueueDeclareOptions::durable(),
+            args,
+        )
+        .await?;
+    Ok(())
+}
+
+/// Messages waiting in the queue (not counting unacknowledged ones).
+pub async fn queue_depth(channel: &Channel, queue: &str) -> Result<u32, AmqpError> {
+    let mut args = FieldTable::default();
+    args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(MAX_PRIORITY));
+    let q = channel
+        .queue_declare(
+            ShortString::from(queue),
+            QueueDeclareOptions::default().passive(),
+            args,
+        )
+        .await?;
+    Ok(q.message_count())
+}
+
+/// Opens a consuming channel: declares the queue, sets the prefetch bound, and starts a
+/// consumer. The connection is returned so the caller can close it.
+pub async fn open_consumer(
+    url: &str,
+    queue: &str,
+    prefetch: u16,
+    tag: &str,
+) -> Result<(Connection, Channel, Consumer), AmqpError> {
+    let conn = connect(url, tag).await?;
+    let channel = conn.create_channel().await?;
+    declare_queue(&channel, queue).await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let consumer = channel
+        .basic_consume(
+            ShortString::from(queue),
+            ShortString::from(tag),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((conn, channel, consumer))
+}
+
+struct Link {
+    conn: Connection,
+    channel: Channel,
+}
+
+/// A confirmed publisher that connects lazily and reconnects after any failure. Shared by
+/// the API (fast path after a commit) and the scheduler's relay.
+pub struct Publisher {
+    url: String,
+    queue: String,
+    link: Mutex<Option<Link>>,
+}
+
+impl Publisher {
+    pub fn new(url: &str, queue: &str) -> Self {
+        Publisher {
+            url: url.to_owned(),
+            queue: queue.to_owned(),
+            link: Mutex::new(None),
+        }
+    }
+
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    async fn open(&self) -> Result<Link, AmqpError> {
+        let conn = connect(&self.url, "pinq-publisher").await?;
+        let channel = conn.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        declare_queue(&channel, &self.queue).await?;
+        Ok(Link { conn, channel })
+    }
+
+    /// Connects if not connected. Used by readiness checks.
+    pub async fn ensure_connected(&self) -> Result<(), AmqpError> {
+        let mut guard = self.link.lock().await;
+        if guard
+            .as_ref()
+            .is_some_and(|l| l.conn.status().connected() && l.channel.status().connected())
+        {
+            return Ok(());
+        }
+        *guard = Some(self.open().await?);
+        Ok(())
+    }
+
+    /// Publishes one message per job, pipelined, and waits until the broker confirmed all
+    /// of them. Any failure drops the connection so the next call starts afresh.
+    pub async fn publish_jobs(&self, jobs: &[(Uuid, Priority)]) -> Result<(), AmqpError> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let mut guard = self.link.lock().await;
+        let healthy = guard
+            .as_ref()
+            .is_some_and(|l| l.conn.status().connected() && l.channel.status().connected());
+        if !healthy {
+            *guard = None;
+            *guard = Some(self.open().await?);
+        }
+        let Some(link) = guard.as_ref() else {
+            return Err(AmqpError::ConnectTimeout(CONNECT_TIMEOUT));
+        };
+        let result = tokio::time::timeout(
+            CONFIRM_TIMEOUT,
+            publish_all(&link.channel, &self.queue, jobs),
+        )
+        .await;
+        let result = match result {
+            Ok(r) => r,
+            Err(_) => Err(AmqpError::ConfirmTimeout(CONFIRM_TIMEOUT)),
+        };
+        if result.is_err() {
+            if let Some(link) = guard.take() {
+                let _ = link.conn.close(320, "publish failed".into()).await;
+            }
+        }
+        result
+    }
+
+    /// Closes the connection, if any.
+    pub async fn close(&self) {
+        if let Some(link) = self.link.lock().await.take() {
+            let _ = link.channel.close(200, "bye".into()).await;
+            let _ = link.conn.close(200, "bye".into()).await;
+        }
+    }
+}
+
+async fn publish_all(
+    channel: &Channel,
+    queue: &str,
+    jobs: &[(Uuid, Priority)],
+) -> Result<(), AmqpError> {
+    let routing_key = ShortString::from(queue);
+    let mut confirms = Vec::with_capacity(jobs.len());
+    for (id, priority) in jobs {
+        let body = JobMessage::single(*id);
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_priority(priority.get())
+            .with_content_type("application/json".into())
+            .with_message_id(id.to_string().into());
+        let confirm = channel
+            .basic_publish(
+                ShortString::from(""),
+                routing_key.clone(),
+                BasicPublishOptions::default(),
+                &body,
+                props,
+            )
+            .await?;
+        confirms.push(confirm);
+    }
+    for confirm in futures::future::try_join_all(confirms).await? {
+        if !confirm.is_ack() {
+            return Err(AmqpError::Nacked);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_round_trip() {
+        let m = JobMessage {
+            jobs: vec![Uuid::nil()],
+        };
+        let s = serde_json::to_string(&m).unwrap();
+        assert_eq!(s, r#"{"jobs":["00000000-0000-0000-0000-000000000000"]}"#);
+        assert_eq!(serde_json::from_str::<JobMessage>(&s).unwrap(), m);
+        assert_eq!(JobMessage::single(Uuid::nil()), s.into_bytes());
+    }
+}

@@ -1,0 +1,138 @@
+//! Typed settings. Each binary flattens the groups it needs into its clap parser, so
+//! every setting is a flag and an environment variable (listed in `.env.example`) with a
+//! default that works against the local services of a development machine.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::retry::RetryPolicy;
+
+/// Where PostgreSQL and RabbitMQ are.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServiceArgs {
+    /// PostgreSQL connection URL.
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/pinq")]
+    pub database_url: String,
+    /// Largest number of PostgreSQL connections this process holds.
+    #[arg(long, env = "PINQ_DB_MAX_CONNECTIONS", default_value_t = 10)]
+    pub db_max_connections: u32,
+    /// RabbitMQ (AMQP 0-9-1) URL.
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_url: String,
+    /// Name of the durable priority queue that carries job messages.
+    #[arg(long, env = "PINQ_QUEUE", default_value = "pinq.jobs")]
+    pub queue: String,
+}
+
+/// Logging.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
+    #[arg(long = "log", env = "RUST_LOG", default_value = "info")]
+    pub log_filter: String,
+    /// `text` for people, `json` for log collectors.
+    #[arg(long, env = "PINQ_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+/// The default retry policy for jobs whose batch does not set one.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RetryArgs {
+    /// Attempts in all, the first included.
+    #[arg(long, env = "PINQ_RETRY_MAX_ATTEMPTS", default_value_t = 8)]
+    pub retry_max_attempts: u32,
+    /// Upper bound of the first retry's delay, in milliseconds.
+    #[arg(long, env = "PINQ_RETRY_BASE_MS", default_value_t = 1000)]
+    pub retry_base_ms: u64,
+    /// Growth of the delay bound per attempt.
+    #[arg(long, env = "PINQ_RETRY_FACTOR", default_value_t = 2.0)]
+    pub retry_factor: f64,
+    /// Cap on the delay, in milliseconds.
+    #[arg(long, env = "PINQ_RETRY_MAX_DELAY_MS", default_value_t = 300_000)]
+    pub retry_max_delay_ms: u64,
+}
+
+impl RetryArgs {
+    pub fn policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: self.retry_max_attempts,
+            base: Duration::from_millis(self.retry_base_ms),
+            factor: self.retry_factor,
+            max_delay: Duration::from_millis(self.retry_max_delay_ms),
+        }
+    }
+}
+
+/// The HTTP API's own settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ApiArgs {
+    /// Address the HTTP server binds (port 0 picks a free port).
+    #[arg(long, env = "PINQ_API_ADDR", default_value = "127.0.0.1:8080")]
+    pub api_addr: SocketAddr,
+    /// Bootstrap admin token; clients send it as `Authorization: Bearer <token>`.
+    #[arg(long, env = "PINQ_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: String,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "PINQ_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Most operations in one batch.
+    #[arg(long, env = "PINQ_MAX_BATCH_OPS", default_value_t = 10_000)]
+    pub max_batch_ops: usize,
+    /// Longest a request may take before the server answers 503.
+    #[arg(long, env = "PINQ_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
+    pub request_timeout_secs: u64,
+}
+
+/// The worker's settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkerArgs {
+    /// Jobs one worker process runs at once.
+    #[arg(long, env = "PINQ_WORKER_CONCURRENCY", default_value_t = 32)]
+    pub concurrency: usize,
+    /// Unacknowledged messages the broker may hand this worker (0: same as concurrency).
+    /// Kept small so that message priority can still reorder what waits in the broker.
+    #[arg(long, env = "PINQ_WORKER_PREFETCH", default_value_t = 0)]
+    pub prefetch: u16,
+    /// Lease a worker holds on a running job; extended while the job runs.
+    #[arg(long, env = "PINQ_LEASE_SECS", default_value_t = 60)]
+    pub lease_secs: u64,
+    /// Timeout for one pin or unpin call to a backend.
+    #[arg(long, env = "PINQ_PIN_TIMEOUT_SECS", default_value_t = 300)]
+    pub pin_timeout_secs: u64,
+    /// On SIGTERM, how long in-flight jobs may finish before they are handed back.
+    #[arg(long, env = "PINQ_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    pub shutdown_grace_secs: u64,
+    /// How often the worker records its heartbeat.
+    #[arg(long, env = "PINQ_HEARTBEAT_SECS", default_value_t = 5)]
+    pub heartbeat_secs: u64,
+}
+
+impl WorkerArgs {
+    pub fn effective_prefetch(&self) -> u16 {
+        if self.prefetch == 0 {
+            u16::try_from(self.concurrency.max(1)).unwrap_or(u16::MAX)
+        } else {
+            self.prefetch
+        }
+    }
+}
+
+/// The scheduler's settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SchedulerArgs {
+    /// Pause between relay passes that found nothing to do.
+    #[arg(long, env = "PINQ_RELAY_INTERVAL_MS", default_value_t = 500)]
+    pub relay_interval_ms: u64,
+    /// Most jobs the relay publishes in one transaction.
+    #[arg(long, env = "PINQ_RELAY_BATCH", default_value_t = 1000)]
+    pub relay_batch: i64,
+    /// How long a freshly queued job is left to the API's own publish before the relay
+    /// publishes it instead.
+    #[arg(long, env = "PINQ_RELAY_GRACE_MS", default_value_t = 3000)]
+    pub relay_grace_ms: u64,
+    /// A queued job whose message was confirmed this long ago without the job starting is
+    /// published again (safety net for a message lost in the broker; duplicates are
+    /// harmless because claims are fenced).
+    #[arg(long, env = "PINQ_REDISPATCH_AFTER_SECS", default_value_t = 1800)]
+    pub redispatch_after_secs: u64,
+}

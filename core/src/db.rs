@@ -1,0 +1,805 @@
+//! PostgreSQL: the source of truth. Connection pool, embedded migrations, and every query
+//! that moves a job through its states.
+//!
+//! Outcome writes are fenced: they apply only `WHERE lease_owner = me AND attempt = n AND
+//! state = 'running'`, so a worker that was presumed dead can never overwrite a newer
+//! attempt. Each write that changes a job's state also closes its `job_attempts` row in
+//! the same statement or transaction.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, FromRow, PgConnection};
+use uuid::Uuid;
+
+use crate::cid::canonical_of;
+use crate::model::{JobState, Op, Priority};
+use crate::retry::RetryPolicy;
+
+/// The one schema, embedded in every binary.
+pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
+
+/// Opens a pool. Fails if PostgreSQL cannot be reached within the acquire timeout.
+pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(url)
+        .await
+}
+
+/// Creates the database named in `url` if it does not exist yet, by connecting to the
+/// server's `postgres` database. Lets a newcomer start from an empty server.
+pub async fn ensure_database(url: &str) -> Result<(), sqlx::Error> {
+    use sqlx::ConnectOptions;
+    use sqlx::postgres::PgConnectOptions;
+
+    let opts: PgConnectOptions = url.parse()?;
+    let Some(name) = opts.get_database().map(str::to_owned) else {
+        return Ok(());
+    };
+    let mut conn = opts.clone().database("postgres").connect().await?;
+    let exists: Option<(i32,)> = sqlx::query_as("SELECT 1 FROM pg_database WHERE datname = $1")
+        .bind(&name)
+        .fetch_optional(&mut conn)
+        .await?;
+    if exists.is_none() {
+        let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+        match sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {quoted}")))
+            .execute(&mut conn)
+            .await
+        {
+            // Another process created it in the meantime.
+            Err(e) if matches!(&e, sqlx::Error::Database(d) if d.code().as_deref() == Some("42P04")) => {}
+            other => {
+                other?;
+            }
+        }
+    }
+    use sqlx::Connection;
+    conn.close().await?;
+    Ok(())
+}
+
+/// Whether an error means the database could not be reached (as opposed to a query the
+/// database refused). Callers answer the former with "try again later".
+pub fn is_unavailable(e: &sqlx::Error) -> bool {
+    matches!(
+        e,
+        sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Tls(_)
+    ) || matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")))
+}
+
+/// Whether an error is a unique-constraint violation.
+pub fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))
+}
+
+// ---------------------------------------------------------------------------------------
+// Backends
+
+#[derive(Debug, Clone, FromRow, Serialize)]
+pub struct Backend {
+    pub id: Uuid,
+    pub name: String,
+    pub kind: String,
+    pub url: String,
+    pub enabled: bool,
+    pub status: String,
+    pub status_since: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+const BACKEND_COLUMNS: &str =
+    "id, name, kind, url, enabled, status, status_since, created_at, updated_at";
+
+/// Inserts a backend. A name already taken is a unique violation (see
+/// [`is_unique_violation`]).
+pub async fn insert_backend(
+    pool: &PgPool,
+    name: &str,
+    kind: &str,
+    url: &str,
+) -> Result<Backend, sqlx::Error> {
+    sqlx::query_as(AssertSqlSafe(format!(
+        "INSERT INTO backends (id, name, kind, url) VALUES ($1, $2, $3, $4) RETURNING {BACKEND_COLUMNS}"
+    )))
+    .bind(Uuid::new_v4())
+    .bind(name)
+    .bind(kind)
+    .bind(url)
+    .fetch_one(pool)
+    .await
+}
+
+/// Creates the backend or points an existing one of that name at `url`.
+pub async fn upsert_backend(
+    pool: &PgPool,
+    name: &str,
+    kind: &str,
+    url: &str,
+) -> Result<Backend, sqlx::Error> {
+    sqlx::query_as(AssertSqlSafe(format!(
+        "INSERT INTO backends (id, name, kind, url) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (name) DO UPDATE SET kind = EXCLUDED.kind, url = EXCLUDED.url, updated_at = now()
+         RETURNING {BACKEND_COLUMNS}"
+    )))
+    .bind(Uuid::new_v4())
+    .bind(name)
+    .bind(kind)
+    .bind(url)
+    .fetch_one(pool)
+    .await
+}
+
+pub async fn list_backends(pool: &PgPool) -> Result<Vec<Backend>, sqlx::Error> {
+    sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT {BACKEND_COLUMNS} FROM backends ORDER BY name"
+    )))
+    .fetch_all(pool)
+    .await
+}
+
+pub async fn backends_by_name(pool: &PgPool, names: &[String]) -> Result<Vec<Backend>, sqlx::Error> {
+    sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT {BACKEND_COLUMNS} FROM backends WHERE name = ANY($1)"
+    )))
+    .bind(names)
+    .fetch_all(pool)
+    .await
+}
+
+pub async fn backend_by_id(pool: &PgPool, id: Uuid) -> Result<Option<Backend>, sqlx::Error> {
+    sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT {BACKEND_COLUMNS} FROM backends WHERE id = $1"
+    )))
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+}
+
+// ---------------------------------------------------------------------------------------
+// Batches and jobs: ingest
+
+/// A batch ready to store: validated, with backends resolved.
+#[derive(Debug, Clone)]
+pub struct NewBatch {
+    pub id: Uuid,
+    pub owner: String,
+    pub priority: Priority,
+    pub backends: Vec<String>,
+    pub retry: RetryPolicy,
+    pub idempotency_key: Option<String>,
+    pub jobs: Vec<NewJob>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub id: Uuid,
+    pub seq: i32,
+    pub backend_id: Uuid,
+    pub op: Op,
+    pub cid: String,
+    pub replaces_cid: Option<String>,
+    pub name: Option<String>,
+    pub meta: Value,
+}
+
+/// What storing a batch did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored {
+    /// The batch and its jobs were committed; their messages are still owed to the broker.
+    Created { id: Uuid, jobs: Vec<(Uuid, Priority)> },
+    /// A batch with the same owner and idempotency key already exists; nothing was written.
+    Existing { id: Uuid, job_count: i32 },
+}
+
+/// Stores a batch and all its jobs in one transaction, the jobs in one statement.
+pub async fn insert_batch(pool: &PgPool, batch: &NewBatch) -> Result<Stored, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let retry_json = serde_json::json!({
+        "max_attempts": batch.retry.max_attempts,
+        "base_ms": batch.retry.base.as_millis() as u64,
+        "factor": batch.retry.factor,
+        "max_delay_ms": batch.retry.max_delay.as_millis() as u64,
+    });
+    let inserted: Option<(Uuid,)> = sqlx::query_as(
+        "INSERT INTO batches (id, owner, priority, backends, retry, idempotency_key, job_count)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
+         ON CONFLICT (owner, idempotency_key) DO NOTHING
+         RETURNING id",
+    )
+    .bind(batch.id)
+    .bind(&batch.owner)
+    .bind(i16::from(batch.priority.get()))
+    .bind(&batch.backends)
+    .bind(&retry_json)
+    .bind(&batch.idempotency_key)
+    .bind(batch.jobs.len() as i32)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if inserted.is_none() {
+        let (id, job_count): (Uuid, i32) = sqlx::query_as(
+            "SELECT id, job_count FROM batches WHERE owner = $1 AND idempotency_key = $2",
+        )
+        .bind(&batch.owner)
+        .bind(&batch.idempotency_key)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.rollback().await?;
+        return Ok(Stored::Existing { id, job_count });
+    }
+
+    let n = batch.jobs.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut seqs = Vec::with_capacity(n);
+    let mut backend_ids = Vec::with_capacity(n);
+    let mut ops = Vec::with_capacity(n);
+    let mut cids = Vec::with_capacity(n);
+    let mut replaces = Vec::with_capacity(n);
+    let mut names = Vec::with_capacity(n);
+    let mut metas = Vec::with_capacity(n);
+    for j in &batch.jobs {
+        ids.push(j.id);
+        seqs.push(j.seq);
+        backend_ids.push(j.backend_id);
+        ops.push(j.op.as_str().to_owned());
+        cids.push(j.cid.clone());
+        replaces.push(j.replaces_cid.clone());
+        names.push(j.name.clone());
+        metas.push(j.meta.to_string());
+    }
+    sqlx::query(
+        "INSERT INTO jobs (id, batch_id, seq, owner, backend_id, op, cid, replaces_cid, name, meta,
+                           priority, max_attempts, backoff_base_ms, backoff_factor, backoff_max_ms)
+         SELECT t.id, $1, t.seq, $2, t.backend_id, t.op, t.cid, t.replaces_cid, t.name, t.meta::jsonb,
+                $3, $4, $5, $6, $7
+         FROM UNNEST($8::uuid[], $9::int4[], $10::uuid[], $11::text[], $12::text[], $13::text[],
+                     $14::text[], $15::text[])
+              AS t(id, seq, backend_id, op, cid, replaces_cid, name, meta)",
+    )
+    .bind(batch.id)
+    .bind(&batch.owner)
+    .bind(i16::from(batch.priority.get()))
+    .bind(batch.retry.max_attempts as i32)
+    .bind(batch.retry.base.as_millis() as i32)
+    .bind(batch.retry.factor)
+    .bind(batch.retry.max_delay.as_millis() as i32)
+    .bind(&ids)
+    .bind(&seqs)
+    .bind(&backend_ids)
+    .bind(&ops)
+    .bind(&cids)
+    .bind(&replaces)
+    .bind(&names)
+    .bind(&metas)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Stored::Created {
+        id: batch.id,
+        jobs: ids.into_iter().map(|id| (id, batch.priority)).collect(),
+    })
+}
+
+/// Records that the broker confirmed a message for each of these jobs.
+pub async fn mark_dispatched(pool: &PgPool, ids: &[Uuid]) -> Result<u64, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE jobs SET dispatched_at = now()
+         WHERE id = ANY($1) AND state = 'queued' AND dispatched_at IS NULL",
+    )
+    .bind(ids)
+    .execute(pool)
+    .await?;
+    Ok(r.rows_affected())
+}
+
+// ---------------------------------------------------------------------------------------
+// Worker side: claim, lease, outcome
+
+/// A job a worker holds the lease on.
+#[derive(Debug, Clone, FromRow)]
+pub struct ClaimedJob {
+    pub id: Uuid,
+    pub batch_id: Uuid,
+    pub backend_id: Uuid,
+    pub owner: String,
+    pub op: String,
+    pub cid: String,
+    pub replaces_cid: Option<String>,
+    pub name: Option<String>,
+    pub priority: i16,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub backoff_base_ms: i32,
+    pub backoff_factor: f64,
+    pub backoff_max_ms: i32,
+}
+
+impl ClaimedJob {
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: self.max_attempts.max(1) as u32,
+            base: Duration::from_millis(self.backoff_base_ms.max(0) as u64),
+            factor: self.backoff_factor,
+            max_delay: Duration::from_millis(self.backoff_max_ms.max(0) as u64),
+        }
+    }
+}
+
+/// Atomically moves a queued job to running under this worker's lease, bumps its attempt
+/// and opens the attempt's record. `None` means the job is not claimable (already running,
+/// finished, cancelled, or unknown): the delivery was a duplicate.
+pub async fn claim_job(
+    pool: &PgPool,
+    job_id: Uuid,
+    worker_id: Uuid,
+    lease: Duration,
+) -> Result<Option<ClaimedJob>, sqlx::Error> {
+    sqlx::query_as(
+        "WITH c AS (
+             UPDATE jobs
+             SET state = 'running', attempt = attempt + 1, lease_owner = $2,
+                 lease_until = now() + make_interval(secs => $3), started_at = now(),
+                 updated_at = now(), dispatched_at = coalesce(dispatched_at, now())
+             WHERE id = $1 AND state = 'queued'
+             RETURNING id, batch_id, backend_id, owner, op, cid, replaces_cid, name, priority,
+                       attempt, max_attempts, backoff_base_ms, backoff_factor, backoff_max_ms
+         ), a AS (
+             INSERT INTO job_attempts (job_id, attempt, worker_id)
+             SELECT id, attempt, $2 FROM c
+         )
+         SELECT * FROM c",
+    )
+    .bind(job_id)
+    .bind(worker_id)
+    .bind(lease.as_secs_f64())
+    .fetch_optional(pool)
+    .await
+}
+
+/// Extends the lease of a job this worker still holds. `false` means the lease is gone
+/// (expired and taken back): the worker must stop and write nothing.
+pub async fn extend_lease(
+    pool: &PgPool,
+    job_id: Uuid,
+    worker_id: Uuid,
+    attempt: i32,
+    lease: Duration,
+) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE jobs SET lease_until = now() + make_interval(secs => $4)
+         WHERE id = $1 AND lease_owner = $2 AND attempt = $3 AND state = 'running'",
+    )
+    .bind(job_id)
+    .bind(worker_id)
+    .bind(attempt)
+    .bind(lease.as_secs_f64())
+    .execute(pool)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// How an attempt ended, as the worker reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Succeeded,
+    /// Try again at `run_at`.
+    Retry { error: String, run_at: DateTime<Utc> },
+    Failed { error: String },
+    /// The worker is stopping: hand the job back to the queue (the message is requeued).
+    Released { reason: String },
+}
+
+/// Writes an attempt's outcome, fenced by (lease_owner, attempt). Returns `false` if the
+/// lease was no longer this worker's (nothing was written). On success the pin index is
+/// updated in the same transaction.
+pub async fn finish_job(
+    pool: &PgPool,
+    job: &ClaimedJob,
+    worker_id: Uuid,
+    outcome: &Outcome,
+) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let (state, attempt_outcome, error, run_at): (&str, &str, Option<&str>, Option<DateTime<Utc>>) =
+        match outcome {
+            Outcome::Succeeded => ("succeeded", "succeeded", None, None),
+            Outcome::Retry { error, run_at } => ("retry_wait", "retry", Some(error), Some(*run_at)),
+            Outcome::Failed { error } => ("failed", "failed", Some(error), None),
+            Outcome::Released { reason } => ("queued", "lost", Some(reason), None),
+        };
+    let r = sqlx::query(
+        "UPDATE jobs
+         SET state = $4, lease_owner = NULL, lease_until = NULL, updated_at = now(),
+             last_error = CASE WHEN $4 = 'succeeded' THEN NULL ELSE coalesce($5, last_error) END,
+             run_at = coalesce($6, run_at),
+             dispatched_at = CASE WHEN $4 = 'retry_wait' THEN NULL ELSE dispatched_at END,
+             finished_at = CASE WHEN $4 IN ('succeeded', 'failed') THEN now() ELSE NULL END
+         WHERE id = $1 AND lease_owner = $2 AND attempt = $3 AND state = 'running'",
+    )
+    .bind(job.id)
+    .bind(worker_id)
+    .bind(job.attempt)
+    .bind(state)
+    .bind(error)
+    .bind(run_at)
+    .execute(&mut *tx)
+    .await?;
+    if r.rows_affected() != 1 {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    sqlx::query(
+        "UPDATE job_attempts SET finished_at = now(), outcome = $3, error = $4
+         WHERE job_id = $1 AND attempt = $2",
+    )
+    .bind(job.id)
+    .bind(job.attempt)
+    .bind(attempt_outcome)
+    .bind(error)
+    .execute(&mut *tx)
+    .await?;
+    if *outcome == Outcome::Succeeded {
+        update_pin_index(&mut tx, job).await?;
+    }
+    tx.commit().await?;
+    Ok(true)
+}
+
+async fn update_pin_index(conn: &mut PgConnection, job: &ClaimedJob) -> Result<(), sqlx::Error> {
+    let pin = |cid: &str| canonical_of(cid).unwrap_or_else(|| cid.to_owned());
+    let op: Op = job.op.parse().unwrap_or(Op::Pin);
+    if matches!(op, Op::Pin | Op::Replace) {
+        sqlx::query(
+            "INSERT INTO pins (backend_id, cid, owner, name, job_id, status, pinned_at, verified_at)
+             VALUES ($1, $2, $3, $4, $5, 'pinned', now(), now())
+             ON CONFLICT (backend_id, cid) DO UPDATE
+             SET owner = EXCLUDED.owner, name = EXCLUDED.name, job_id = EXCLUDED.job_id,
+                 status = 'pinned', verified_at = now(), updated_at = now(),
+                 pinned_at = CASE WHEN pins.status = 'pinned' THEN pins.pinned_at ELSE now() END",
+        )
+        .bind(job.backend_id)
+        .bind(pin(&job.cid))
+        .bind(&job.owner)
+        .bind(&job.name)
+        .bind(job.id)
+        .execute(&mut *conn)
+        .await?;
+    }
+    let removed = match op {
+        Op::Unpin => Some(job.cid.as_str()),
+        Op::Replace => job.replaces_cid.as_deref(),
+        Op::Pin => None,
+    };
+    if let Some(cid) = removed {
+        sqlx::query("DELETE FROM pins WHERE backend_id = $1 AND cid = $2")
+            .bind(job.backend_id)
+            .bind(pin(cid))
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Relay side
+
+/// A job the relay must publish.
+#[derive(Debug, Clone, Copy, FromRow)]
+pub struct DueJob {
+    pub id: Uuid,
+    pub priority: i16,
+}
+
+/// Which of the relay's duties a pass performs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayScan {
+    /// Queued jobs the API committed but whose message it never got confirmed (after
+    /// `grace`), and queued jobs whose message was confirmed long ago (`redispatch_after`)
+    /// without the job starting.
+    Undispatched {
+        grace: Duration,
+        redispatch_after: Duration,
+    },
+    /// Retries whose `run_at` has come.
+    DueRetries,
+    /// Running jobs whose lease expired: the worker is presumed dead.
+    ExpiredLeases,
+}
+
+/// Locks up to `limit` jobs that a relay pass must publish (`FOR UPDATE SKIP LOCKED`, so
+/// several relays share the work). The caller publishes them, then calls
+/// [`relay_mark_published`] in the same transaction and commits.
+pub async fn relay_lock_due(
+    conn: &mut PgConnection,
+    scan: RelayScan,
+    limit: i64,
+) -> Result<Vec<DueJob>, sqlx::Error> {
+    match scan {
+        RelayScan::Undispatched {
+            grace,
+            redispatch_after,
+        } => {
+            sqlx::query_as(
+                "SELECT id, priority FROM jobs
+                 WHERE state = 'queued'
+                   AND ((dispatched_at IS NULL AND updated_at < now() - make_interval(secs => $2))
+                        OR dispatched_at < now() - make_interval(secs => $3))
+                 ORDER BY priority DESC, updated_at
+                 LIMIT $1
+                 FOR UPDATE SKIP LOCKED",
+            )
+            .bind(limit)
+            .bind(grace.as_secs_f64())
+            .bind(redispatch_after.as_secs_f64())
+            .fetch_all(conn)
+            .await
+        }
+        RelayScan::DueRetries => {
+            sqlx::query_as(
+                "SELECT id, priority FROM jobs
+                 WHERE state = 'retry_wait' AND run_at <= now()
+                 ORDER BY run_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+            )
+            .bind(limit)
+            .fetch_all(conn)
+            .await
+        }
+        RelayScan::ExpiredLeases => {
+            sqlx::query_as(
+                "SELECT id, priority FROM jobs
+                 WHERE state = 'running' AND lease_until < now()
+                 ORDER BY lease_until LIMIT $1 FOR UPDATE SKIP LOCKED",
+            )
+            .bind(limit)
+            .fetch_all(conn)
+            .await
+        }
+    }
+}
+
+/// Marks jobs locked by [`relay_lock_due`] as queued and dispatched.
+pub async fn relay_mark_published(
+    conn: &mut PgConnection,
+    scan: RelayScan,
+    ids: &[Uuid],
+) -> Result<(), sqlx::Error> {
+    if scan == RelayScan::ExpiredLeases {
+        sqlx::query(
+            "UPDATE job_attempts a SET outcome = 'lost', finished_at = now(),
+                    error = 'lease expired: worker presumed dead'
+             FROM jobs j
+             WHERE j.id = ANY($1) AND a.job_id = j.id AND a.attempt = j.attempt
+               AND a.outcome IS NULL",
+        )
+        .bind(ids)
+        .execute(&mut *conn)
+        .await?;
+    }
+    sqlx::query(
+        "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_until = NULL,
+                dispatched_at = now(), updated_at = now(),
+                last_error = CASE WHEN state = 'running'
+                                  THEN 'lease expired: worker presumed dead' ELSE last_error END
+         WHERE id = ANY($1)",
+    )
+    .bind(ids)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Reads for the API
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct StateCounts {
+    pub queued: i64,
+    pub running: i64,
+    pub retry_wait: i64,
+    pub succeeded: i64,
+    pub failed: i64,
+    pub cancelled: i64,
+}
+
+impl StateCounts {
+    /// A batch is done when none of its jobs can still change by itself.
+    pub fn is_done(&self) -> bool {
+        self.queued == 0 && self.running == 0 && self.retry_wait == 0
+    }
+
+    fn add(&mut self, state: &str, n: i64) {
+        match state.parse::<JobState>() {
+            Ok(JobState::Queued) => self.queued += n,
+            Ok(JobState::Running) => self.running += n,
+            Ok(JobState::RetryWait) => self.retry_wait += n,
+            Ok(JobState::Succeeded) => self.succeeded += n,
+            Ok(JobState::Failed) => self.failed += n,
+            Ok(JobState::Cancelled) => self.cancelled += n,
+            Err(_) => {}
+        }
+    }
+}
+
+#[derive(Debug, Clone, FromRow, Serialize)]
+pub struct BatchRow {
+    pub id: Uuid,
+    pub owner: String,
+    pub priority: i16,
+    pub backends: Vec<String>,
+    pub retry: sqlx::types::Json<Value>,
+    pub idempotency_key: Option<String>,
+    pub job_count: i32,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A batch visible to `owner` (`None`: any owner, for admins).
+pub async fn get_batch(
+    pool: &PgPool,
+    id: Uuid,
+    owner: Option<&str>,
+) -> Result<Option<BatchRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, owner, priority, backends, retry, idempotency_key, job_count, created_at
+         FROM batches WHERE id = $1 AND ($2::text IS NULL OR owner = $2)",
+    )
+    .bind(id)
+    .bind(owner)
+    .fetch_optional(pool)
+    .await
+}
+
+pub async fn batch_counts(pool: &PgPool, id: Uuid) -> Result<StateCounts, sqlx::Error> {
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT state, count(*) FROM jobs WHERE batch_id = $1 GROUP BY state")
+            .bind(id)
+            .fetch_all(pool)
+            .await?;
+    let mut counts = StateCounts::default();
+    for (state, n) in rows {
+        counts.add(&state, n);
+    }
+    Ok(counts)
+}
+
+#[derive(Debug, Clone, FromRow, Serialize)]
+pub struct JobRow {
+    pub id: Uuid,
+    pub batch_id: Uuid,
+    pub seq: i32,
+    pub owner: String,
+    pub backend: String,
+    pub op: String,
+    pub cid: String,
+    pub replaces_cid: Option<String>,
+    pub name: Option<String>,
+    pub meta: sqlx::types::Json<Value>,
+    pub priority: i16,
+    pub state: String,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub run_at: DateTime<Utc>,
+    pub dispatched_at: Option<DateTime<Utc>>,
+    pub lease_owner: Option<Uuid>,
+    pub lease_until: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+const JOB_COLUMNS: &str = "j.id, j.batch_id, j.seq, j.owner, b.name AS backend, j.op, j.cid,
+    j.replaces_cid, j.name, j.meta, j.priority, j.state, j.attempt, j.max_attempts, j.run_at,
+    j.dispatched_at, j.lease_owner, j.lease_until, j.last_error, j.created_at, j.updated_at,
+    j.started_at, j.finished_at";
+
+/// One page of a batch's jobs in submission order, after the cursor `(seq, id)`.
+pub async fn batch_jobs(
+    pool: &PgPool,
+    batch_id: Uuid,
+    after: Option<(i32, Uuid)>,
+    state: Option<JobState>,
+    limit: i64,
+) -> Result<Vec<JobRow>, sqlx::Error> {
+    let (after_seq, after_id) = after.unzip();
+    sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT {JOB_COLUMNS} FROM jobs j JOIN backends b ON b.id = j.backend_id
+         WHERE j.batch_id = $1
+           AND ($2::int4 IS NULL OR (j.seq, j.id) > ($2, $3))
+           AND ($4::text IS NULL OR j.state = $4)
+         ORDER BY j.seq, j.id
+         LIMIT $5"
+    )))
+    .bind(batch_id)
+    .bind(after_seq)
+    .bind(after_id)
+    .bind(state.map(JobState::as_str))
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+pub async fn get_job(
+    pool: &PgPool,
+    id: Uuid,
+    owner: Option<&str>,
+) -> Result<Option<JobRow>, sqlx::Error> {
+    sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT {JOB_COLUMNS} FROM jobs j JOIN backends b ON b.id = j.backend_id
+         WHERE j.id = $1 AND ($2::text IS NULL OR j.owner = $2)"
+    )))
+    .bind(id)
+    .bind(owner)
+    .fetch_optional(pool)
+    .await
+}
+
+#[derive(Debug, Clone, FromRow, Serialize)]
+pub struct AttemptRow {
+    pub attempt: i32,
+    pub worker_id: Uuid,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub outcome: Option<String>,
+    pub error: Option<String>,
+}
+
+pub async fn job_attempts(pool: &PgPool, job_id: Uuid) -> Result<Vec<AttemptRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT attempt, worker_id, started_at, finished_at, outcome, error
+         FROM job_attempts WHERE job_id = $1 ORDER BY attempt",
+    )
+    .bind(job_id)
+    .fetch_all(pool)
+    .await
+}
+
+// ---------------------------------------------------------------------------------------
+// Workers
+
+pub async fn register_worker(
+    pool: &PgPool,
+    id: Uuid,
+    host: &str,
+    pid: u32,
+    concurrency: usize,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO workers (id, host, pid, concurrency) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (id) DO UPDATE SET last_heartbeat = now(), state = 'running'",
+    )
+    .bind(id)
+    .bind(host)
+    .bind(pid as i32)
+    .bind(concurrency as i32)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+pub async fn heartbeat(
+    pool: &PgPool,
+    id: Uuid,
+    in_flight: usize,
+    state: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE workers SET last_heartbeat = now(), in_flight = $2, state = $3 WHERE id = $1",
+    )
+    .bind(id)
+    .bind(in_flight as i32)
+    .bind(state)
+    .execute(pool)
+    .await?;
+    Ok(())
+}

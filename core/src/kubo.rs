@@ -1,0 +1,452 @@
+//! A client for Kubo's RPC API (`/api/v0`), which js-ipfs also serves.
+//!
+//! Every call is a POST with `?arg=` parameters. Errors come back as
+//! `{"Message", "Code", "Type"}`. Kubo and js-ipfs differ in details (js-ipfs reports some
+//! numbers as strings and CIDv1 in base58btc), so responses are read leniently and CIDs
+//! are compared after parsing. Every call carries a timeout: pinning a CID that nobody
+//! provides otherwise blocks forever.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::Value;
+
+/// Why a backend call failed, classified for the retry policy.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BackendError {
+    /// The call (or the backend's own `timeout`) ran out of time.
+    #[error("backend timed out: {0}")]
+    Timeout(String),
+    /// The backend could not be reached at all.
+    #[error("backend unreachable: {0}")]
+    Unreachable(String),
+    /// The backend failed in a way that may pass (5xx, shutting down, 408, 429).
+    #[error("backend error (HTTP {status}): {message}")]
+    Transient { status: u16, message: String },
+    /// The backend rejected the request; repeating it will not help.
+    #[error("backend rejected the request (HTTP {status}): {message}")]
+    Rejected { status: u16, message: String },
+    /// The backend answered something this client cannot read.
+    #[error("unexpected backend response: {0}")]
+    Protocol(String),
+}
+
+impl BackendError {
+    /// Whether a retry may succeed.
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, BackendError::Rejected { .. })
+    }
+
+    /// Whether the backend itself looks down (rather than this one request failing).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, BackendError::Unreachable(_))
+    }
+
+    fn from_reqwest(e: reqwest::Error) -> Self {
+        if e.is_timeout() {
+            BackendError::Timeout(e.to_string())
+        } else if e.is_connect() {
+            BackendError::Unreachable(e.to_string())
+        } else if e.is_decode() {
+            BackendError::Protocol(e.to_string())
+        } else {
+            // Resets and broken bodies mid-request: the backend went away under us.
+            BackendError::Unreachable(e.to_string())
+        }
+    }
+}
+
+/// The error body Kubo and js-ipfs return.
+#[derive(Debug, Deserialize)]
+struct RpcError {
+    #[serde(rename = "Message", default)]
+    message: String,
+    #[serde(rename = "Code", default)]
+    code: Value,
+}
+
+/// Kubo's command error codes (go-ipfs-cmds): 1 is a client error.
+const CODE_CLIENT: i64 = 1;
+
+/// Node identity, as `id` reports it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct NodeId {
+    #[serde(rename = "ID")]
+    pub id: String,
+    #[serde(rename = "Addresses", default)]
+    pub addresses: Option<Vec<String>>,
+    #[serde(rename = "AgentVersion", default)]
+    pub agent_version: Option<String>,
+}
+
+/// Repository size figures, as `repo/stat` reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RepoStat {
+    pub repo_size: u64,
+    pub num_objects: u64,
+}
+
+/// A client for one backend URL (e.g. `http://127.0.0.1:5001`).
+#[derive(Debug, Clone)]
+pub struct KuboClient {
+    http: reqwest::Client,
+    base: String,
+}
+
+/// The timeout of calls that should answer at once (id, version, repo/stat, pin/rm).
+const QUICK_TIMEOUT: Duration = Duration::from_secs(30);
+/// Extra time given to the HTTP request beyond the backend-side pin timeout, so the
+/// backend's own timeout error (which names the cause) normally wins the race.
+const TIMEOUT_SLACK: Duration = Duration::from_secs(5);
+
+impl KuboClient {
+    pub fn new(http: reqwest::Client, base_url: &str) -> Self {
+        KuboClient {
+            http,
+            base: base_url.trim_end_matches('/').to_owned(),
+        }
+    }
+
+    /// A `reqwest::Client` suited to backend calls, to share between clients.
+    pub fn http_client() -> reqwest::Client {
+        reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .pool_max_idle_per_host(256)
+            .build()
+            .unwrap_or_default()
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    async fn call(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Result<reqwest::Response, BackendError> {
+        let url = format!("{}/api/v0/{}", self.base, path);
+        let resp = self
+            .http
+            .post(&url)
+            .query(query)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(BackendError::from_reqwest)?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let body = resp.text().await.unwrap_or_default();
+        Err(classify(status.as_u16(), &body))
+    }
+
+    async fn call_json(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Result<Value, BackendError> {
+        let resp = self.call(path, query, timeout).await?;
+        let text = resp.text().await.map_err(BackendError::from_reqwest)?;
+        // Some commands stream several JSON values (e.g. pin/add progress); the last wins.
+        let last = text
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
+        serde_json::from_str(last).map_err(|e| {
+            BackendError::Protocol(format!("{path}: {e}: {}", truncate(last, 200)))
+        })
+    }
+
+    /// Pins `cid` recursively. Pinning what is already pinned succeeds.
+    pub async fn pin_add(&self, cid: &str, timeout: Duration) -> Result<(), BackendError> {
+        let t = go_duration(timeout);
+        let v = self
+            .call_json(
+                "pin/add",
+                &[("arg", cid), ("recursive", "true"), ("timeout", &t)],
+                timeout + TIMEOUT_SLACK,
+            )
+            .await?;
+        match v.get("Pins") {
+            Some(Value::Array(_)) => Ok(()),
+            _ => Err(BackendError::Protocol(format!(
+                "pin/add answered without Pins: {}",
+                truncate(&v.to_string(), 200)
+            ))),
+        }
+    }
+
+    /// Removes the recursive pin on `cid`. Unpinning what is not pinned succeeds.
+    pub async fn pin_rm(&self, cid: &str, timeout: Duration) -> Result<(), BackendError> {
+        let t = go_duration(timeout);
+        match self
+            .call_json(
+                "pin/rm",
+                &[("arg", cid), ("recursive", "true"), ("timeout", &t)],
+                timeout + TIMEOUT_SLACK,
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(BackendError::Transient { message, .. } | BackendError::Rejected { message, .. })
+                if is_not_pinned(&message) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Streams the CIDs of every recursive pin, one by one, without holding them all.
+    pub async fn pin_ls_recursive(
+        &self,
+        timeout: Duration,
+    ) -> Result<Pin<Box<dyn Stream<Item = Result<String, BackendError>> + Send>>, BackendError>
+    {
+        let resp = self
+            .call(
+                "pin/ls",
+                &[("type", "recursive"), ("stream", "true")],
+                timeout,
+            )
+            .await?;
+        let bytes = resp.bytes_stream();
+        let lines = ndjson_lines(bytes);
+        Ok(Box::pin(lines.flat_map(|line| {
+            let items: Vec<Result<String, BackendError>> = match line {
+                Err(e) => vec![Err(e)],
+                Ok(line) => parse_pin_ls_line(&line),
+            };
+            futures::stream::iter(items)
+        })))
+    }
+
+    pub async fn id(&self) -> Result<NodeId, BackendError> {
+        let v = self.call_json("id", &[], QUICK_TIMEOUT).await?;
+        serde_json::from_value(v).map_err(|e| BackendError::Protocol(format!("id: {e}")))
+    }
+
+    pub async fn version(&self) -> Result<String, BackendError> {
+        let v = self.call_json("version", &[], QUICK_TIMEOUT).await?;
+        v.get("Version")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| BackendError::Protocol("version: no Version field".into()))
+    }
+
+    pub async fn repo_stat(&self) -> Result<RepoStat, BackendError> {
+        let v = self.call_json("repo/stat", &[], QUICK_TIMEOUT).await?;
+        Ok(RepoStat {
+            repo_size: lenient_u64(v.get("RepoSize")).unwrap_or(0),
+            num_objects: lenient_u64(v.get("NumObjects")).unwrap_or(0),
+        })
+    }
+}
+
+/// Reads a number that Kubo sends as a number and js-ipfs sometimes as a string.
+fn lenient_u64(v: Option<&Value>) -> Option<u64> {
+    match v? {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+/// A duration in the Go syntax both Kubo and js-ipfs accept for `timeout`.
+fn go_duration(d: Duration) -> String {
+    format!("{}ms", d.as_millis().max(1))
+}
+
+fn is_not_pinned(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("not pinned")
+}
+
+fn is_timeout_message(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("deadline exceeded") || m.contains("timed out") || m.contains("timeout")
+}
+
+/// Turns a non-2xx answer into a classified error.
+fn classify(status: u16, body: &str) -> BackendError {
+    let parsed: Option<RpcError> = serde_json::from_str(body).ok();
+    let (message, code) = match parsed {
+        Some(e) if !e.message.is_empty() => (e.message, e.code.as_i64()),
+        _ => (truncate(body.trim(), 500).to_owned(), None),
+    };
+    let message = if message.is_empty() {
+        format!("HTTP {status} with an empty body")
+    } else {
+        message
+    };
+    if is_timeout_message(&message) {
+        return BackendError::Timeout(message);
+    }
+    let client_error = (400..500).contains(&status) && status != 408 && status != 429;
+    if client_error || code == Some(CODE_CLIENT) {
+        BackendError::Rejected { status, message }
+    } else {
+        BackendError::Transient { status, message }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// One line of `pin/ls` output: either a streamed `{"Cid","Type"}` object or, from
+/// servers that ignore `stream`, a whole `{"Keys": {cid: {"Type"}}}` map.
+fn parse_pin_ls_line(line: &str) -> Vec<Result<String, BackendError>> {
+    let v: Value = match serde_json::from_str(line) {
+        Ok(v) => v,
+        Err(e) => {
+            return vec![Err(BackendError::Protocol(format!(
+                "pin/ls: {e}: {}",
+                truncate(line, 200)
+            )))];
+        }
+    };
+    if let Some(cid) = v.get("Cid").and_then(Value::as_str) {
+        let recursive = v
+            .get("Type")
+            .and_then(Value::as_str)
+            .is_none_or(|t| t == "recursive");
+        return if recursive {
+            vec![Ok(cid.to_owned())]
+        } else {
+            vec![]
+        };
+    }
+    if let Some(keys) = v.get("Keys").and_then(Value::as_object) {
+        return keys
+            .iter()
+            .filter(|(_, info)| {
+                info.get("Type")
+                    .and_then(Value::as_str)
+                    .is_none_or(|t| t == "recursive")
+            })
+            .map(|(cid, _)| Ok(cid.clone()))
+            .collect();
+    }
+    if let Some(msg) = v.get("Message").and_then(Value::as_str) {
+        return vec![Err(BackendError::Transient {
+            status: 200,
+            message: msg.to_owned(),
+        })];
+    }
+    vec![Err(BackendError::Protocol(format!(
+        "pin/ls: unrecognised line: {}",
+        truncate(line, 200)
+    )))]
+}
+
+/// Splits a byte stream into non-empty lines, holding at most one partial line.
+fn ndjson_lines<S>(bytes: S) -> impl Stream<Item = Result<String, BackendError>> + Send
+where
+    S: Stream<Item = Result<bytes::Bytes, reqwest::Error>> + Send + 'static,
+{
+    futures::stream::unfold(
+        (Box::pin(bytes), Vec::<u8>::new(), false),
+        |(mut bytes, mut buf, mut done)| async move {
+            loop {
+                if let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=pos).collect();
+                    let line = String::from_utf8_lossy(&line).trim().to_owned();
+                    if line.is_empty() {
+                        continue;
+                    }
+                    return Some((Ok(line), (bytes, buf, done)));
+                }
+                if done {
+                    if buf.is_empty() {
+                        return None;
+                    }
+                    let line = String::from_utf8_lossy(&buf).trim().to_owned();
+                    buf.clear();
+                    if line.is_empty() {
+                        return None;
+                    }
+                    return Some((Ok(line), (bytes, buf, done)));
+                }
+                match bytes.next().await {
+                    Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                    Some(Err(e)) => {
+                        done = true;
+                        buf.clear();
+                        return Some((Err(BackendError::from_reqwest(e)), (bytes, buf, done)));
+                    }
+                    None => done = true,
+                }
+            }
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_errors() {
+        let e = classify(500, r#"{"Message":"not pinned or pinned indirectly","Code":0,"Type":"error"}"#);
+        assert!(matches!(e, BackendError::Transient { status: 500, .. }));
+        let e = classify(500, r#"{"Message":"context deadline exceeded","Code":0,"Type":"error"}"#);
+        assert!(matches!(e, BackendError::Timeout(_)));
+        let e = classify(400, r#"{"Message":"invalid path","Code":1,"Type":"error"}"#);
+        assert!(!e.is_transient());
+        let e = classify(500, r#"{"Message":"bad arg","Code":1,"Type":"error"}"#);
+        assert!(!e.is_transient(), "Kubo client-error code means permanent");
+        assert!(classify(429, "slow down").is_transient());
+        assert!(classify(408, "").is_transient());
+        assert!(classify(503, "<html>").is_transient());
+        assert!(!classify(404, "no such endpoint").is_transient());
+    }
+
+    #[test]
+    fn reads_both_pin_ls_shapes() {
+        assert_eq!(
+            parse_pin_ls_line(r#"{"Cid":"QmA","Type":"recursive"}"#)
+                .into_iter()
+                .map(Result::unwrap)
+                .collect::<Vec<_>>(),
+            vec!["QmA".to_string()]
+        );
+        assert!(parse_pin_ls_line(r#"{"Cid":"QmB","Type":"direct"}"#).is_empty());
+        let mut keys: Vec<String> = parse_pin_ls_line(
+            r#"{"Keys":{"QmA":{"Type":"recursive"},"QmB":{"Type":"indirect"},"QmC":{"Type":"recursive"}}}"#,
+        )
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+        keys.sort();
+        assert_eq!(keys, vec!["QmA", "QmC"]);
+        assert!(parse_pin_ls_line("not json")[0].is_err());
+    }
+
+    #[test]
+    fn lenient_numbers() {
+        assert_eq!(lenient_u64(Some(&Value::from(7))), Some(7));
+        assert_eq!(lenient_u64(Some(&Value::from("7"))), Some(7));
+        assert_eq!(lenient_u64(Some(&Value::from("x"))), None);
+    }
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(go_duration(Duration::from_secs(2)), "2000ms");
+        assert_eq!(go_duration(Duration::ZERO), "1ms");
+    }
+}

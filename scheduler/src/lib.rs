@@ -1,0 +1,147 @@
+//! pinq-scheduler: pinq's clock.
+//!
+//! Its relay keeps the broker in step with PostgreSQL: it publishes jobs the API
+//! committed but never got confirmed by the broker, retries whose `run_at` has come, and
+//! jobs whose worker lease expired (the worker is presumed dead). Each pass locks its rows
+//! with `FOR UPDATE SKIP LOCKED`, so any number of schedulers can run side by side.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use pinq_core::amqp::Publisher;
+use pinq_core::config::{LogArgs, SchedulerArgs, ServiceArgs};
+use pinq_core::db::{self, RelayScan};
+use pinq_core::model::Priority;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Command-line and environment settings of `pinq-scheduler`.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "pinq-scheduler", version, about = "pinq scheduler: relay and periodic tasks")]
+pub struct Args {
+    #[command(flatten)]
+    pub services: ServiceArgs,
+    #[command(flatten)]
+    pub scheduler: SchedulerArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// Runs until `shutdown` is cancelled; a pass under way is finished first.
+pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // A lazy pool: the scheduler starts while PostgreSQL is down and keeps retrying.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(args.services.db_max_connections.clamp(1, 4))
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy(&args.services.database_url)?;
+    let publisher = Arc::new(Publisher::new(&args.services.amqp_url, &args.services.queue));
+    tracing::info!(queue = %args.services.queue, "pinq-scheduler started");
+    println!("pinq-scheduler started");
+    let relay = Relay {
+        pool: pool.clone(),
+        publisher: publisher.clone(),
+        settings: args.scheduler.clone(),
+    };
+    relay.run(shutdown).await;
+    publisher.close().await;
+    pool.close().await;
+    tracing::info!("pinq-scheduler stopped");
+    Ok(())
+}
+
+/// The relay/dispatcher loop.
+pub struct Relay {
+    pub pool: PgPool,
+    pub publisher: Arc<Publisher>,
+    pub settings: SchedulerArgs,
+}
+
+impl Relay {
+    pub async fn run(&self, shutdown: CancellationToken) {
+        let idle = Duration::from_millis(self.settings.relay_interval_ms.max(10));
+        let mut backoff = failure_backoff();
+        while !shutdown.is_cancelled() {
+            let pause = match self.pass().await {
+                // A full batch means more is probably waiting: go again at once.
+                Ok(n) if n >= self.settings.relay_batch as usize => Duration::ZERO,
+                Ok(_) => {
+                    backoff = failure_backoff();
+                    idle
+                }
+                Err(e) => {
+                    let wait = backoff.next().unwrap_or(Duration::from_secs(5));
+                    tracing::warn!(error = format!("{e:#}"), retry_in = ?wait, "relay pass failed");
+                    wait
+                }
+            };
+            if !pause.is_zero() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+    }
+
+    /// One pass over the three scans; returns the most jobs any one scan published.
+    pub async fn pass(&self) -> anyhow::Result<usize> {
+        let scans = [
+            RelayScan::ExpiredLeases,
+            RelayScan::DueRetries,
+            RelayScan::Undispatched {
+                grace: Duration::from_millis(self.settings.relay_grace_ms),
+                redispatch_after: Duration::from_secs(self.settings.redispatch_after_secs),
+            },
+        ];
+        let mut most = 0;
+        for scan in scans {
+            most = most.max(self.publish_due(scan).await?);
+        }
+        Ok(most)
+    }
+
+    /// Locks due jobs, publishes them with confirms, marks them dispatched, commits. If the
+    /// publish fails the transaction rolls back and the jobs stay due for the next pass.
+    async fn publish_due(&self, scan: RelayScan) -> anyhow::Result<usize> {
+        let mut tx = self.pool.begin().await?;
+        let due = db::relay_lock_due(&mut tx, scan, self.settings.relay_batch).await?;
+        if due.is_empty() {
+            tx.rollback().await?;
+            return Ok(0);
+        }
+        let jobs: Vec<(Uuid, Priority)> = due
+            .iter()
+            .map(|j| {
+                (
+                    j.id,
+                    Priority::new(i64::from(j.priority)).unwrap_or_default(),
+                )
+            })
+            .collect();
+        self.publisher.publish_jobs(&jobs).await?;
+        let ids: Vec<Uuid> = jobs.iter().map(|(id, _)| *id).collect();
+        db::relay_mark_published(&mut tx, scan, &ids).await?;
+        tx.commit().await?;
+        match scan {
+            RelayScan::ExpiredLeases => {
+                tracing::warn!(jobs = ids.len(), "requeued jobs whose lease expired")
+            }
+            RelayScan::DueRetries => tracing::info!(jobs = ids.len(), "published due retries"),
+            RelayScan::Undispatched { .. } => {
+                tracing::info!(jobs = ids.len(), "published undispatched jobs")
+            }
+        }
+        Ok(ids.len())
+    }
+}
+
+fn failure_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}

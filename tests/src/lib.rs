@@ -1,0 +1,680 @@
+//! The end-to-end test harness. Each test builds a [`Stack`]: its own PostgreSQL database,
+//! its own RabbitMQ queue name, its own js-ipfs node (a real IPFS node, started from
+//! `deploy/ipfs/node.mjs`), and the real `pinq-api`, `pinq-worker` and `pinq-scheduler`
+//! binaries as child processes. Nothing is mocked; the one test double, [`FaultProxy`],
+//! stands between a process and RabbitMQ to make the broker unreachable on demand.
+//!
+//! The binaries must be built first (`cargo build --workspace --bins`, which the test
+//! command in the README does).
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::net::TcpListener as StdListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use pinq_core::cid::canonical_of;
+use pinq_core::kubo::KuboClient;
+use serde_json::{Value, json};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{AssertSqlSafe, PgPool};
+use uuid::Uuid;
+
+/// The admin token every test stack uses.
+pub const TOKEN: &str = "e2e-admin-token-0123456789";
+
+fn pg_admin_url() -> String {
+    std::env::var("PINQ_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// The broker every test uses (a private queue name keeps tests apart).
+pub fn amqp_url() -> String {
+    std::env::var("PINQ_TEST_AMQP").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(".."))
+}
+
+/// Where cargo put the binaries: next to the `deps` folder holding this test binary.
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| repo_root().join("target/debug"));
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` before the tests",
+        path.display()
+    );
+    path
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+fn scratch_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("pinq-e2e-{tag}-{}", Uuid::new_v4().simple()));
+    let _ = std::fs::create_dir_all(&dir);
+    dir
+}
+
+// ---------------------------------------------------------------------------------------
+// PostgreSQL
+
+/// A database of its own, migrated, dropped when the test ends.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+}
+
+impl TestDb {
+    pub async fn create() -> anyhow::Result<TestDb> {
+        let name = format!("pinq_e2e_{}", Uuid::new_v4().simple());
+        let url = format!("{}/{name}", pg_admin_url());
+        pinq_core::db::ensure_database(&url)
+            .await
+            .context("PostgreSQL must be running (the test command starts it)")?;
+        let pool = PgPoolOptions::new().max_connections(4).connect(&url).await?;
+        pinq_core::db::MIGRATOR.run(&pool).await?;
+        Ok(TestDb { name, url, pool })
+    }
+
+    /// Counts rows of a table (test-only helper; the table name is a literal of the test).
+    pub async fn count(&self, table: &'static str) -> i64 {
+        let sql = format!("SELECT count(*) FROM {table}");
+        let row: (i64,) = sqlx::query_as(AssertSqlSafe(sql))
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or((-1,));
+        row.0
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let pool = self.pool.clone();
+        run_blocking(async move {
+            pool.close().await;
+            if let Ok(pool) = PgPoolOptions::new()
+                .max_connections(1)
+                .connect(&format!("{}/postgres", pg_admin_url()))
+                .await
+            {
+                let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+                let _ = sqlx::query(AssertSqlSafe(sql)).execute(&pool).await;
+            }
+        });
+    }
+}
+
+/// Runs async clean-up from `Drop`, which may itself run inside a runtime.
+fn run_blocking<F: std::future::Future<Output = ()> + Send + 'static>(f: F) {
+    let _ = std::thread::spawn(move || {
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            rt.block_on(async {
+                let _ = tokio::time::timeout(Duration::from_secs(15), f).await;
+            });
+        }
+    })
+    .join();
+}
+
+// ---------------------------------------------------------------------------------------
+// Child processes
+
+/// A child process whose output goes to a log file; stopped when dropped.
+pub struct Proc {
+    pub label: String,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(label: &str, mut cmd: Command, dir: &Path) -> anyhow::Result<Proc> {
+        let log = dir.join(format!("{label}.log"));
+        let out = File::create(&log)?;
+        let err = out.try_clone()?;
+        cmd.stdout(Stdio::from(out)).stderr(Stdio::from(err)).stdin(Stdio::null());
+        let child = cmd.spawn().with_context(|| format!("failed to start {label}"))?;
+        Ok(Proc {
+            label: label.to_owned(),
+            child,
+            log,
+        })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        let _ = kill(Pid::from_raw(self.pid()), sig);
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the exit status.
+    pub async fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        self.signal(Signal::SIGTERM);
+        self.wait(timeout).await
+    }
+
+    pub async fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        self.signal(Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn log_tail(&self, lines: usize) -> String {
+        let text = self.log_text();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.alive() {
+            self.signal(Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while self.alive() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if self.alive() {
+                self.signal(Signal::SIGKILL);
+            }
+            let _ = self.child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The IPFS node
+
+/// A real js-ipfs node with its own repository and port.
+pub struct IpfsNode {
+    pub url: String,
+    pub repo: PathBuf,
+    port: u16,
+    proc: Option<Proc>,
+    dir: PathBuf,
+    http: reqwest::Client,
+}
+
+impl IpfsNode {
+    pub async fn start(dir: &Path) -> anyhow::Result<IpfsNode> {
+        let repo = dir.join("ipfs-repo");
+        let port = free_port();
+        let mut node = IpfsNode {
+            url: format!("http://127.0.0.1:{port}"),
+            repo,
+            port,
+            proc: None,
+            dir: dir.to_owned(),
+            http: reqwest::Client::new(),
+        };
+        node.restart().await?;
+        Ok(node)
+    }
+
+    /// Starts the node (again) on the same repository and port.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        let script = repo_root().join("deploy/ipfs/node.mjs");
+        let mut cmd = Command::new("node");
+        cmd.arg(&script)
+            .arg("--repo")
+            .arg(&self.repo)
+            .arg("--api-port")
+            .arg(self.port.to_string());
+        let proc = Proc::spawn("ipfs", cmd, &self.dir)?;
+        self.proc = Some(proc);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if self.http.post(format!("{}/api/v0/version", self.url)).send().await.is_ok_and(|r| r.status().is_success()) {
+                return Ok(());
+            }
+            if let Some(p) = self.proc.as_mut() {
+                if !p.alive() {
+                    bail!("the IPFS node exited at start:\n{}", p.log_tail(30));
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("the IPFS node did not answer within 60 s (is deploy/ipfs installed? run deploy/ipfs/install.sh)");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops the node (SIGTERM), keeping its repository.
+    pub async fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            if p.terminate(Duration::from_secs(10)).await.is_none() {
+                p.kill9();
+            }
+        }
+    }
+
+    /// Adds each content to the node without pinning it; returns the CIDs in order.
+    pub async fn add_unpinned(&self, contents: &[Vec<u8>]) -> anyhow::Result<Vec<String>> {
+        let mut cids = Vec::with_capacity(contents.len());
+        for chunk in contents.chunks(100) {
+            let boundary = format!("pinq{}", Uuid::new_v4().simple());
+            let mut body = Vec::new();
+            for (i, content) in chunk.iter().enumerate() {
+                body.extend_from_slice(
+                    format!(
+                        "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f{i}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+                    )
+                    .as_bytes(),
+                );
+                body.extend_from_slice(content);
+                body.extend_from_slice(b"\r\n");
+            }
+            body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+            let text = self
+                .http
+                .post(format!("{}/api/v0/add", self.url))
+                .query(&[("pin", "false"), ("wrap-with-directory", "false")])
+                .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+                .body(body)
+                .send()
+                .await?
+                .error_for_status()?
+                .text()
+                .await?;
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                let v: Value = serde_json::from_str(line)?;
+                let hash = v["Hash"].as_str().context("add: no Hash")?;
+                cids.push(hash.to_owned());
+            }
+        }
+        anyhow::ensure!(cids.len() == contents.len(), "add returned {} CIDs for {} files", cids.len(), contents.len());
+        Ok(cids)
+    }
+
+    /// The node's recursive pins, in canonical form.
+    pub async fn pins(&self) -> anyhow::Result<HashSet<String>> {
+        let client = KuboClient::new(self.http.clone(), &self.url);
+        let mut stream = client.pin_ls_recursive(Duration::from_secs(60)).await?;
+        let mut out = HashSet::new();
+        while let Some(cid) = stream.next().await {
+            let cid = cid?;
+            out.insert(canonical_of(&cid).with_context(|| format!("node listed an unparsable CID {cid}"))?);
+        }
+        Ok(out)
+    }
+
+    /// Pins or unpins directly on the node, behind pinq's back.
+    pub async fn pin_direct(&self, cid: &str, pin: bool) -> anyhow::Result<()> {
+        let client = KuboClient::new(self.http.clone(), &self.url);
+        if pin {
+            client.pin_add(cid, Duration::from_secs(30)).await?;
+        } else {
+            client.pin_rm(cid, Duration::from_secs(30)).await?;
+        }
+        Ok(())
+    }
+}
+
+/// `n` distinct small contents, unique to this call.
+pub fn unique_contents(n: usize) -> Vec<Vec<u8>> {
+    let salt = Uuid::new_v4();
+    (0..n)
+        .map(|i| format!("pinq e2e content {salt} #{i}\n").into_bytes())
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// The broker fault injector (a test double: a TCP proxy that can be cut)
+
+/// A TCP proxy in front of RabbitMQ. While cut, it closes every open connection and
+/// refuses new ones, so the broker is unreachable for whoever connects through it. This is
+/// the one test double of the suite: RabbitMQ itself keeps running for other tests.
+pub struct FaultProxy {
+    pub port: u16,
+    up: Arc<AtomicBool>,
+    generation: tokio::sync::watch::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FaultProxy {
+    pub async fn start(target: &str) -> anyhow::Result<FaultProxy> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let up = Arc::new(AtomicBool::new(true));
+        let (generation, gen_rx) = tokio::sync::watch::channel(0u64);
+        let target = target.to_owned();
+        let up2 = up.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !up2.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let mut rx = gen_rx.clone();
+                let born = *rx.borrow();
+                let target = target.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = rx.wait_for(|g| *g != born) => {}
+                    }
+                });
+            }
+        });
+        Ok(FaultProxy {
+            port,
+            up,
+            generation,
+            task,
+        })
+    }
+
+    /// An AMQP URL that goes through the proxy.
+    pub fn amqp_url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    pub fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    pub fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The stack
+
+/// One test's pinq deployment.
+pub struct Stack {
+    pub dir: PathBuf,
+    pub db: TestDb,
+    pub queue: String,
+    pub amqp_url: String,
+    pub api_url: String,
+    api_port: u16,
+    pub ipfs: Option<IpfsNode>,
+    pub api: Option<Proc>,
+    pub workers: Vec<Proc>,
+    pub scheduler: Option<Proc>,
+    pub http: reqwest::Client,
+    /// Extra environment for every process started after it is set.
+    pub env: Vec<(String, String)>,
+    worker_seq: usize,
+}
+
+impl Stack {
+    /// A database and a queue name; no processes yet.
+    pub async fn new() -> anyhow::Result<Stack> {
+        let dir = scratch_dir("stack");
+        let db = TestDb::create().await?;
+        let api_port = free_port();
+        Ok(Stack {
+            dir,
+            db,
+            queue: format!("pinq.e2e.{}", Uuid::new_v4().simple()),
+            amqp_url: amqp_url(),
+            api_url: format!("http://127.0.0.1:{api_port}"),
+            api_port,
+            ipfs: None,
+            api: None,
+            workers: Vec::new(),
+            scheduler: None,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()?,
+            env: Vec::new(),
+            worker_seq: 0,
+        })
+    }
+
+    /// The usual stack: an IPFS node registered as backend `local`, the API, `workers`
+    /// workers and a scheduler.
+    pub async fn full(workers: usize) -> anyhow::Result<Stack> {
+        let mut s = Stack::new().await?;
+        s.start_ipfs().await?;
+        s.start_api().await?;
+        s.register_ipfs_backend("local").await?;
+        for _ in 0..workers {
+            s.start_worker()?;
+        }
+        s.start_scheduler()?;
+        Ok(s)
+    }
+
+    pub async fn start_ipfs(&mut self) -> anyhow::Result<()> {
+        self.ipfs = Some(IpfsNode::start(&self.dir).await?);
+        Ok(())
+    }
+
+    pub fn ipfs(&self) -> &IpfsNode {
+        self.ipfs.as_ref().expect("the test starts an IPFS node first")
+    }
+
+    fn command(&self, bin: &str) -> Command {
+        let mut cmd = Command::new(bin_path(bin));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DATABASE_URL", &self.db.url)
+            .env("AMQP_URL", &self.amqp_url)
+            .env("PINQ_QUEUE", &self.queue)
+            .env("PINQ_ADMIN_TOKEN", TOKEN)
+            .env("PINQ_API_ADDR", format!("127.0.0.1:{}", self.api_port))
+            .env("PINQ_RELAY_INTERVAL_MS", "200")
+            .env("PINQ_RELAY_GRACE_MS", "1000")
+            .env("PINQ_PIN_TIMEOUT_SECS", "30")
+            .env("PINQ_DB_MAX_CONNECTIONS", "8")
+            .env("RUST_LOG", "info");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    pub async fn start_api(&mut self) -> anyhow::Result<()> {
+        let proc = Proc::spawn("api", self.command("pinq-api"), &self.dir)?;
+        self.api = Some(proc);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = self
+                .http
+                .get(format!("{}/healthz", self.api_url))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if ok {
+                return Ok(());
+            }
+            if let Some(api) = self.api.as_mut() {
+                if !api.alive() {
+                    bail!("pinq-api exited at start:\n{}", api.log_tail(30));
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("pinq-api did not become healthy within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn start_worker(&mut self) -> anyhow::Result<usize> {
+        self.worker_seq += 1;
+        let label = format!("worker-{}", self.worker_seq);
+        let proc = Proc::spawn(&label, self.command("pinq-worker"), &self.dir)?;
+        self.workers.push(proc);
+        Ok(self.workers.len() - 1)
+    }
+
+    pub fn start_scheduler(&mut self) -> anyhow::Result<()> {
+        self.scheduler = Some(Proc::spawn("scheduler", self.command("pinq-scheduler"), &self.dir)?);
+        Ok(())
+    }
+
+    /// An authenticated request builder.
+    pub fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.api_url))
+            .bearer_auth(TOKEN)
+    }
+
+    pub async fn register_ipfs_backend(&self, name: &str) -> anyhow::Result<()> {
+        let url = self.ipfs().url.clone();
+        self.register_backend(name, &url).await
+    }
+
+    pub async fn register_backend(&self, name: &str, url: &str) -> anyhow::Result<()> {
+        let resp = self
+            .req(reqwest::Method::POST, "/v1/backends")
+            .json(&json!({"name": name, "kind": "kubo", "url": url}))
+            .send()
+            .await?;
+        anyhow::ensure!(resp.status() == 201, "register backend: {} {}", resp.status(), resp.text().await?);
+        Ok(())
+    }
+
+    /// Submits a batch; returns (status, body).
+    pub async fn submit(&self, body: &Value) -> anyhow::Result<(u16, Value)> {
+        let resp = self.req(reqwest::Method::POST, "/v1/batches").json(body).send().await?;
+        let status = resp.status().as_u16();
+        let body = resp.json().await.unwrap_or(Value::Null);
+        Ok((status, body))
+    }
+
+    /// Submits a batch that must be accepted; returns its id.
+    pub async fn submit_ok(&self, body: &Value) -> anyhow::Result<Uuid> {
+        let (status, resp) = self.submit(body).await?;
+        anyhow::ensure!(status == 202, "batch not accepted: {status} {resp}");
+        Ok(resp["id"].as_str().context("no id")?.parse()?)
+    }
+
+    pub async fn batch(&self, id: Uuid) -> anyhow::Result<Value> {
+        let resp = self.req(reqwest::Method::GET, &format!("/v1/batches/{id}")).send().await?;
+        anyhow::ensure!(resp.status() == 200, "GET batch: {}", resp.status());
+        Ok(resp.json().await?)
+    }
+
+    /// Polls the batch until it is done; returns its last view.
+    pub async fn wait_done(&self, id: Uuid, timeout: Duration) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let b = self.batch(id).await?;
+            if b["state"] == "done" {
+                return Ok(b);
+            }
+            if Instant::now() > deadline {
+                bail!("batch {id} not done within {timeout:?}: {}", b["counts"]);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The pin index for a backend, as canonical CIDs with status `pinned`.
+    pub async fn pin_index(&self, backend: &str) -> anyhow::Result<HashSet<String>> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT p.cid FROM pins p JOIN backends b ON b.id = p.backend_id
+             WHERE b.name = $1 AND p.status = 'pinned'",
+        )
+        .bind(backend)
+        .fetch_all(&self.db.pool)
+        .await?;
+        Ok(rows.into_iter().map(|(c,)| c).collect())
+    }
+
+    /// Opens a channel on the test's broker, for tests that publish or inspect directly.
+    pub async fn amqp_channel(&self) -> anyhow::Result<(lapin::Connection, lapin::Channel)> {
+        let conn = pinq_core::amqp::connect(&amqp_url(), "pinq-e2e").await?;
+        let ch = conn.create_channel().await?;
+        pinq_core::amqp::declare_queue(&ch, &self.queue).await?;
+        Ok((conn, ch))
+    }
+
+    fn all_procs(&self) -> impl Iterator<Item = &Proc> {
+        self.api
+            .iter()
+            .chain(self.workers.iter())
+            .chain(self.scheduler.iter())
+            .chain(self.ipfs.iter().filter_map(|n| n.proc.as_ref()))
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for p in self.all_procs() {
+                eprintln!("----- {} (last lines of {}) -----\n{}", p.label, p.log.display(), p.log_tail(40));
+            }
+        }
+        // Stop the processes before the database and the queue go.
+        self.api.take();
+        self.workers.clear();
+        self.scheduler.take();
+        self.ipfs.take();
+        let queue = self.queue.clone();
+        run_blocking(async move {
+            if let Ok(conn) = pinq_core::amqp::connect(&amqp_url(), "pinq-e2e-cleanup").await {
+                if let Ok(ch) = conn.create_channel().await {
+                    let _ = ch
+                        .queue_delete(queue.as_str().into(), lapin::options::QueueDeleteOptions::default())
+                        .await;
+                }
+                let _ = conn.close(200, "bye".into()).await;
+            }
+        });
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
