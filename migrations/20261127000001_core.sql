@@ -65,6 +65,8 @@ CREATE TABLE jobs (
     lease_owner     uuid,
     lease_until     timestamptz,
     last_error      text,
+    -- Set when a client cancels a running job; the worker holding it stops the pin.
+    cancel_requested boolean NOT NULL DEFAULT false,
     created_at      timestamptz NOT NULL DEFAULT now(),
     updated_at      timestamptz NOT NULL DEFAULT now(),
     started_at      timestamptz,
@@ -80,6 +82,7 @@ CREATE INDEX jobs_undispatched ON jobs (priority DESC, updated_at)
     WHERE state = 'queued' AND dispatched_at IS NULL;
 CREATE INDEX jobs_retry_due ON jobs (run_at) WHERE state = 'retry_wait';
 CREATE INDEX jobs_lease ON jobs (lease_until) WHERE state = 'running';
+CREATE INDEX jobs_lease_owner ON jobs (lease_owner) WHERE state = 'running';
 
 CREATE TABLE job_attempts (
     job_id          uuid NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
@@ -88,7 +91,7 @@ CREATE TABLE job_attempts (
     started_at      timestamptz NOT NULL DEFAULT now(),
     finished_at     timestamptz,
     -- NULL while running; 'lost' when the lease expired or the worker gave the job back.
-    outcome         text CHECK (outcome IN ('succeeded', 'retry', 'failed', 'lost', 'deferred')),
+    outcome         text CHECK (outcome IN ('succeeded', 'retry', 'failed', 'lost', 'cancelled')),
     error           text,
     PRIMARY KEY (job_id, attempt)
 );

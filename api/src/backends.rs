@@ -37,7 +37,8 @@ pub async fn create(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<Backend>)> {
     require_admin(&caller)?;
-    let body = body.map_err(|e| ApiError::invalid(format!("could not read the body: {e}"), vec![]))?;
+    let body =
+        body.map_err(|e| ApiError::invalid(format!("could not read the body: {e}"), vec![]))?;
     let req: CreateBackend = serde_json::from_slice(&body).map_err(|e| ApiError::Invalid {
         code: "malformed_json",
         message: format!(

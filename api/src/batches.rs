@@ -275,7 +275,9 @@ pub(crate) fn parse_request(
                             names.push(n);
                         }
                     }
-                    Some(Err(e)) => problems.push(Problem::at(format!("/backends/{i}"), e.to_string())),
+                    Some(Err(e)) => {
+                        problems.push(Problem::at(format!("/backends/{i}"), e.to_string()))
+                    }
                     None => problems.push(Problem::at(
                         format!("/backends/{i}"),
                         "backend names are strings",
@@ -306,7 +308,10 @@ pub(crate) fn parse_request(
     let items = match ops_value {
         Some(Value::Array(items)) => items,
         None | Some(Value::Null) => {
-            problems.push(Problem::at("/ops", "ops is required: an array of operations"));
+            problems.push(Problem::at(
+                "/ops",
+                "ops is required: an array of operations",
+            ));
             vec![]
         }
         Some(_) => {
@@ -339,7 +344,8 @@ pub(crate) fn parse_request(
         });
     }
     let total = problems.len();
-    let bad_ops: std::collections::BTreeSet<usize> = problems.iter().filter_map(|p| p.index).collect();
+    let bad_ops: std::collections::BTreeSet<usize> =
+        problems.iter().filter_map(|p| p.index).collect();
     problems.truncate(MAX_PROBLEMS);
     let mut message = if bad_ops.is_empty() {
         format!("batch rejected: {total} problem(s); nothing was stored")
@@ -375,7 +381,10 @@ fn parse_retry(v: Value, default: RetryPolicy, problems: &mut Vec<Problem>) -> R
             },
             "max_delay_ms" => match as_u64 {
                 Some(n) => policy.max_delay = Duration::from_millis(n),
-                None => problems.push(Problem::at(path, "max_delay_ms must be a non-negative integer")),
+                None => problems.push(Problem::at(
+                    path,
+                    "max_delay_ms must be a non-negative integer",
+                )),
             },
             "factor" => match value.as_f64() {
                 Some(f) => policy.factor = f,
@@ -383,7 +392,9 @@ fn parse_retry(v: Value, default: RetryPolicy, problems: &mut Vec<Problem>) -> R
             },
             _ => problems.push(Problem::at(
                 path,
-                format!("unknown field '{key}'; expected max_attempts, base_ms, factor, max_delay_ms"),
+                format!(
+                    "unknown field '{key}'; expected max_attempts, base_ms, factor, max_delay_ms"
+                ),
             )),
         }
     }
@@ -398,7 +409,11 @@ fn parse_retry(v: Value, default: RetryPolicy, problems: &mut Vec<Problem>) -> R
 
 fn parse_op(i: usize, item: Value, problems: &mut Vec<Problem>) -> Option<ValidOp> {
     let Value::Object(mut obj) = item else {
-        problems.push(Problem::op(i, "", "each operation must be an object like {\"op\":\"pin\",\"cid\":\"…\"}"));
+        problems.push(Problem::op(
+            i,
+            "",
+            "each operation must be an object like {\"op\":\"pin\",\"cid\":\"…\"}",
+        ));
         return None;
     };
     let before = problems.len();
@@ -415,24 +430,46 @@ fn parse_op(i: usize, item: Value, problems: &mut Vec<Problem>) -> Option<ValidO
             }
         },
         Some(_) => {
-            problems.push(Problem::op(i, "op", "op must be a string: pin, unpin or replace"));
+            problems.push(Problem::op(
+                i,
+                "op",
+                "op must be a string: pin, unpin or replace",
+            ));
             None
         }
         None => {
-            problems.push(Problem::op(i, "op", "op is required: pin, unpin or replace"));
+            problems.push(Problem::op(
+                i,
+                "op",
+                "op is required: pin, unpin or replace",
+            ));
             None
         }
     };
     let cid = parse_cid_field(i, "cid", obj.remove("cid"), true, problems);
-    let replaces = parse_cid_field(i, "replaces", obj.remove("replaces"), op == Some(Op::Replace), problems);
+    let replaces = parse_cid_field(
+        i,
+        "replaces",
+        obj.remove("replaces"),
+        op == Some(Op::Replace),
+        problems,
+    );
     if replaces.is_some() && op.is_some_and(|o| o != Op::Replace) {
-        problems.push(Problem::op(i, "replaces", "replaces is only allowed with op 'replace'"));
+        problems.push(Problem::op(
+            i,
+            "replaces",
+            "replaces is only allowed with op 'replace'",
+        ));
     }
     let name = match obj.remove("name") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if s.chars().count() <= MAX_NAME_LEN => Some(s),
         Some(Value::String(_)) => {
-            problems.push(Problem::op(i, "name", format!("name is longer than {MAX_NAME_LEN} characters")));
+            problems.push(Problem::op(
+                i,
+                "name",
+                format!("name is longer than {MAX_NAME_LEN} characters"),
+            ));
             None
         }
         Some(_) => {
@@ -443,9 +480,15 @@ fn parse_op(i: usize, item: Value, problems: &mut Vec<Problem>) -> Option<ValidO
     let meta = match obj.remove("meta") {
         None | Some(Value::Null) => Map::new(),
         Some(Value::Object(m)) => {
-            let size = serde_json::to_vec(&m).map(|v| v.len()).unwrap_or(usize::MAX);
+            let size = serde_json::to_vec(&m)
+                .map(|v| v.len())
+                .unwrap_or(usize::MAX);
             if size > MAX_META_BYTES {
-                problems.push(Problem::op(i, "meta", format!("meta is larger than {MAX_META_BYTES} bytes")));
+                problems.push(Problem::op(
+                    i,
+                    "meta",
+                    format!("meta is larger than {MAX_META_BYTES} bytes"),
+                ));
             }
             m
         }
@@ -496,7 +539,11 @@ fn parse_cid_field(
             }
         },
         Some(_) => {
-            problems.push(Problem::op(i, field, format!("{field} must be a string holding a CID")));
+            problems.push(Problem::op(
+                i,
+                field,
+                format!("{field} must be a string holding a CID"),
+            ));
             None
         }
     }
@@ -603,7 +650,10 @@ pub async fn jobs(
             s.parse::<JobState>().map_err(|_| {
                 ApiError::invalid(
                     format!("unknown state '{s}'"),
-                    vec![Problem::at("query:state", "expected queued, running, retry_wait, succeeded, failed or cancelled")],
+                    vec![Problem::at(
+                        "query:state",
+                        "expected queued, running, retry_wait, succeeded, failed or cancelled",
+                    )],
                 )
             })
         })
@@ -617,6 +667,49 @@ pub async fn jobs(
     Ok(Json(serde_json::json!({ "jobs": rows, "next": next })))
 }
 
+/// `POST /v1/batches/{id}/cancel`: cancels every job of the batch that has not started and
+/// asks workers to stop the running ones.
+pub async fn cancel(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let id = parse_id(&id, "batch")?;
+    db::get_batch(&state.pool, id, caller.owner_filter())
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no batch {id}")))?;
+    let r = db::cancel_batch(&state.pool, id).await?;
+    tracing::info!(batch_id = %id, cancelled = r.cancelled, stop_requested = r.requested, "batch cancelled");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(
+            serde_json::json!({"id": id, "cancelled": r.cancelled, "stop_requested": r.requested}),
+        ),
+    ))
+}
+
+/// `POST /v1/batches/{id}/retry-failed`: re-drives every failed job of the batch.
+pub async fn retry_failed(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let id = parse_id(&id, "batch")?;
+    db::get_batch(&state.pool, id, caller.owner_filter())
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no batch {id}")))?;
+    let jobs = db::redrive_failed(&state.pool, None, Some(id), caller.owner_filter()).await?;
+    let n = jobs.len();
+    if n > 0 {
+        dispatch(&state, jobs);
+    }
+    tracing::info!(batch_id = %id, jobs = n, "failed jobs re-driven");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({"id": id, "requeued": n})),
+    ))
+}
+
 fn parse_cursor(s: &str) -> ApiResult<(i32, Uuid)> {
     let bad = || {
         ApiError::invalid(
@@ -625,7 +718,10 @@ fn parse_cursor(s: &str) -> ApiResult<(i32, Uuid)> {
         )
     };
     let (seq, id) = s.split_once('.').ok_or_else(bad)?;
-    Ok((seq.parse().map_err(|_| bad())?, id.parse().map_err(|_| bad())?))
+    Ok((
+        seq.parse().map_err(|_| bad())?,
+        id.parse().map_err(|_| bad())?,
+    ))
 }
 
 pub(crate) fn page_limit(limit: Option<i64>) -> ApiResult<i64> {
@@ -663,7 +759,10 @@ mod tests {
 
     #[test]
     fn accepts_a_plain_batch_with_defaults() {
-        let r = parse(&format!(r#"{{"ops":[{{"op":"pin","cid":"{V0}","name":"a"}}]}}"#)).unwrap();
+        let r = parse(&format!(
+            r#"{{"ops":[{{"op":"pin","cid":"{V0}","name":"a"}}]}}"#
+        ))
+        .unwrap();
         assert_eq!(r.priority, Priority::DEFAULT);
         assert!(r.backends.is_empty());
         assert_eq!(r.ops.len(), 1);
@@ -714,7 +813,9 @@ mod tests {
 
     #[test]
     fn replace_needs_replaces() {
-        let p = problems(parse(&format!(r#"{{"ops":[{{"op":"replace","cid":"{V0}"}}]}}"#)));
+        let p = problems(parse(&format!(
+            r#"{{"ops":[{{"op":"replace","cid":"{V0}"}}]}}"#
+        )));
         assert_eq!(p[0].path, "/ops/0/replaces");
         let ok = parse(&format!(
             r#"{{"ops":[{{"op":"replace","cid":"{V0}","replaces":"{V0}"}}]}}"#

@@ -23,9 +23,10 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
     )
     .await;
     let db_ok = matches!(db, Ok(Ok(_)));
-    let broker_ok = tokio::time::timeout(Duration::from_secs(3), state.publisher.ensure_connected())
-        .await
-        .is_ok_and(|r| r.is_ok());
+    let broker_ok =
+        tokio::time::timeout(Duration::from_secs(3), state.publisher.ensure_connected())
+            .await
+            .is_ok_and(|r| r.is_ok());
     let ready = db_ok && broker_ok;
     let status = if ready {
         StatusCode::OK

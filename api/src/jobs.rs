@@ -3,7 +3,8 @@
 use axum::Extension;
 use axum::Json;
 use axum::extract::{Path, State};
-use pinq_core::db;
+use axum::http::StatusCode;
+use pinq_core::db::{self, CancelResult};
 use serde_json::{Value, json};
 
 use crate::AppState;
@@ -26,4 +27,48 @@ pub async fn get(
         m.insert("attempts".into(), json!(attempts));
     }
     Ok(Json(v))
+}
+
+/// `POST /v1/jobs/{id}/cancel`: cancels a job that has not started, or asks the worker
+/// running it to stop. 409 if it already finished.
+pub async fn cancel(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let id = parse_id(&id, "job")?;
+    match db::cancel_job(&state.pool, id, caller.owner_filter()).await? {
+        None => Err(ApiError::NotFound(format!("no job {id}"))),
+        Some(CancelResult::AlreadyFinished) => Err(ApiError::Conflict(format!(
+            "job {id} already finished; only queued, waiting or running jobs can be cancelled"
+        ))),
+        Some(result) => Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({"id": id, "result": result})),
+        )),
+    }
+}
+
+/// `POST /v1/jobs/{id}/retry`: re-drives a failed job with a fresh attempt budget.
+pub async fn retry(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let id = parse_id(&id, "job")?;
+    let jobs = db::redrive_failed(&state.pool, Some(id), None, caller.owner_filter()).await?;
+    if jobs.is_empty() {
+        return match db::get_job(&state.pool, id, caller.owner_filter()).await? {
+            None => Err(ApiError::NotFound(format!("no job {id}"))),
+            Some(job) => Err(ApiError::Conflict(format!(
+                "job {id} is {}; only failed jobs can be retried",
+                job.state
+            ))),
+        };
+    }
+    crate::batches::dispatch(&state, jobs);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"id": id, "state": "queued"})),
+    ))
 }

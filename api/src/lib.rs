@@ -9,6 +9,7 @@ mod batches;
 mod error;
 mod health;
 mod jobs;
+mod workers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -135,7 +136,9 @@ impl Server {
             .await
             .is_err()
         {
-            tracing::warn!("publishes still running after 10 s; the relay will dispatch those jobs");
+            tracing::warn!(
+                "publishes still running after 10 s; the relay will dispatch those jobs"
+            );
         }
         self.state.publisher.close().await;
         self.state.pool.close().await;
@@ -150,7 +153,12 @@ fn router(state: AppState, max_body_bytes: usize, request_timeout: Duration) -> 
         .route("/v1/batches", post(batches::submit).get(batches::list))
         .route("/v1/batches/{id}", get(batches::get))
         .route("/v1/batches/{id}/jobs", get(batches::jobs))
+        .route("/v1/batches/{id}/cancel", post(batches::cancel))
+        .route("/v1/batches/{id}/retry-failed", post(batches::retry_failed))
         .route("/v1/jobs/{id}", get(jobs::get))
+        .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/v1/jobs/{id}/retry", post(jobs::retry))
+        .route("/v1/workers", get(workers::list))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,

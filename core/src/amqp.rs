@@ -64,7 +64,10 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, AmqpError> {
 /// Declares the job queue (idempotent: every process declares it on connect).
 pub async fn declare_queue(channel: &Channel, queue: &str) -> Result<(), AmqpError> {
     let mut args = FieldTable::default();
-    args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(MAX_PRIORITY));
+    args.insert(
+        "x-max-priority".into(),
+        AMQPValue::ShortShortUInt(MAX_PRIORITY),
+    );
     channel
         .queue_declare(
             ShortString::from(queue),
@@ -78,7 +81,10 @@ pub async fn declare_queue(channel: &Channel, queue: &str) -> Result<(), AmqpErr
 /// Messages waiting in the queue (not counting unacknowledged ones).
 pub async fn queue_depth(channel: &Channel, queue: &str) -> Result<u32, AmqpError> {
     let mut args = FieldTable::default();
-    args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(MAX_PRIORITY));
+    args.insert(
+        "x-max-priority".into(),
+        AMQPValue::ShortShortUInt(MAX_PRIORITY),
+    );
     let q = channel
         .queue_declare(
             ShortString::from(queue),
@@ -189,10 +195,10 @@ impl Publisher {
             Ok(r) => r,
             Err(_) => Err(AmqpError::ConfirmTimeout(CONFIRM_TIMEOUT)),
         };
-        if result.is_err() {
-            if let Some(link) = guard.take() {
-                let _ = link.conn.close(320, "publish failed".into()).await;
-            }
+        if result.is_err()
+            && let Some(link) = guard.take()
+        {
+            let _ = link.conn.close(320, "publish failed".into()).await;
         }
         result
     }

@@ -11,13 +11,21 @@ use crate::retry::RetryPolicy;
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServiceArgs {
     /// PostgreSQL connection URL.
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/pinq")]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/pinq"
+    )]
     pub database_url: String,
     /// Largest number of PostgreSQL connections this process holds.
     #[arg(long, env = "PINQ_DB_MAX_CONNECTIONS", default_value_t = 10)]
     pub db_max_connections: u32,
     /// RabbitMQ (AMQP 0-9-1) URL.
-    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
     pub amqp_url: String,
     /// Name of the durable priority queue that carries job messages.
     #[arg(long, env = "PINQ_QUEUE", default_value = "pinq.jobs")]
@@ -120,6 +128,10 @@ impl WorkerArgs {
 /// The scheduler's settings.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SchedulerArgs {
+    /// A worker whose last heartbeat is older than this is marked lost, and the leases of
+    /// its running jobs are expired so they run again at once.
+    #[arg(long, env = "PINQ_WORKER_STALE_SECS", default_value_t = 30)]
+    pub worker_stale_secs: u64,
     /// Pause between relay passes that found nothing to do.
     #[arg(long, env = "PINQ_RELAY_INTERVAL_MS", default_value_t = 500)]
     pub relay_interval_ms: u64,
@@ -135,4 +147,35 @@ pub struct SchedulerArgs {
     /// harmless because claims are fenced).
     #[arg(long, env = "PINQ_REDISPATCH_AFTER_SECS", default_value_t = 1800)]
     pub redispatch_after_secs: u64,
+    /// How often the cron loop looks for due firings (and manual runs).
+    #[arg(long, env = "PINQ_CRON_TICK_MS", default_value_t = 250)]
+    pub cron_tick_ms: u64,
+    /// On shutdown, how long running schedule tasks may finish before they are abandoned.
+    #[arg(long, env = "PINQ_CRON_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    pub cron_shutdown_grace_secs: u64,
+    /// Timeout of one health probe of a backend (`id`, `version` and `repo/stat` together).
+    #[arg(long, env = "PINQ_HEALTH_PROBE_TIMEOUT_MS", default_value_t = 5000)]
+    pub health_probe_timeout_ms: u64,
+    /// A good probe slower than this marks the backend `degraded`.
+    #[arg(long, env = "PINQ_HEALTH_SLOW_MS", default_value_t = 2000)]
+    pub health_slow_ms: u64,
+    /// Consecutive failed probes after which a backend is `down`.
+    #[arg(long, env = "PINQ_HEALTH_DOWN_AFTER", default_value_t = 2)]
+    pub health_down_after: u32,
+    /// Consecutive good probes after which a `down` or `degraded` backend is `healthy`.
+    #[arg(long, env = "PINQ_HEALTH_HEALTHY_AFTER", default_value_t = 2)]
+    pub health_healthy_after: u32,
+    /// Timeout for streaming one backend's whole `pin/ls` during an index update.
+    #[arg(long, env = "PINQ_INDEX_LS_TIMEOUT_SECS", default_value_t = 1800)]
+    pub index_ls_timeout_secs: u64,
+    /// Finished jobs (succeeded, failed, cancelled) older than this are deleted by `prune`,
+    /// with their attempts; batches left without jobs go with them.
+    #[arg(long, env = "PINQ_RETAIN_JOBS_DAYS", default_value_t = 30)]
+    pub retain_jobs_days: u32,
+    /// Schedule runs older than this are deleted by `prune`.
+    #[arg(long, env = "PINQ_RETAIN_RUNS_DAYS", default_value_t = 14)]
+    pub retain_runs_days: u32,
+    /// Backend probe history older than this is deleted by `prune`.
+    #[arg(long, env = "PINQ_RETAIN_PROBES_DAYS", default_value_t = 7)]
+    pub retain_probes_days: u32,
 }

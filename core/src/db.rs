@@ -54,7 +54,8 @@ pub async fn ensure_database(url: &str) -> Result<(), sqlx::Error> {
             .await
         {
             // Another process created it in the meantime.
-            Err(e) if matches!(&e, sqlx::Error::Database(d) if d.code().as_deref() == Some("42P04")) => {}
+            Err(e) if matches!(&e, sqlx::Error::Database(d) if d.code().as_deref() == Some("42P04")) =>
+                {}
             other => {
                 other?;
             }
@@ -149,7 +150,10 @@ pub async fn list_backends(pool: &PgPool) -> Result<Vec<Backend>, sqlx::Error> {
     .await
 }
 
-pub async fn backends_by_name(pool: &PgPool, names: &[String]) -> Result<Vec<Backend>, sqlx::Error> {
+pub async fn backends_by_name(
+    pool: &PgPool,
+    names: &[String],
+) -> Result<Vec<Backend>, sqlx::Error> {
     sqlx::query_as(AssertSqlSafe(format!(
         "SELECT {BACKEND_COLUMNS} FROM backends WHERE name = ANY($1)"
     )))
@@ -198,7 +202,10 @@ pub struct NewJob {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stored {
     /// The batch and its jobs were committed; their messages are still owed to the broker.
-    Created { id: Uuid, jobs: Vec<(Uuid, Priority)> },
+    Created {
+        id: Uuid,
+        jobs: Vec<(Uuid, Priority)>,
+    },
     /// A batch with the same owner and idempotency key already exists; nothing was written.
     Existing { id: Uuid, job_count: i32 },
 }
@@ -367,26 +374,41 @@ pub async fn claim_job(
     .await
 }
 
-/// Extends the lease of a job this worker still holds. `false` means the lease is gone
-/// (expired and taken back): the worker must stop and write nothing.
+/// What a lease extension found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseStatus {
+    /// Still ours, extended.
+    Held,
+    /// Still ours, extended, but a client asked to cancel the job: stop it.
+    CancelRequested,
+    /// Gone (expired and taken back): stop and write nothing.
+    Lost,
+}
+
+/// Extends the lease of a job this worker still holds.
 pub async fn extend_lease(
     pool: &PgPool,
     job_id: Uuid,
     worker_id: Uuid,
     attempt: i32,
     lease: Duration,
-) -> Result<bool, sqlx::Error> {
-    let r = sqlx::query(
+) -> Result<LeaseStatus, sqlx::Error> {
+    let row: Option<(bool,)> = sqlx::query_as(
         "UPDATE jobs SET lease_until = now() + make_interval(secs => $4)
-         WHERE id = $1 AND lease_owner = $2 AND attempt = $3 AND state = 'running'",
+         WHERE id = $1 AND lease_owner = $2 AND attempt = $3 AND state = 'running'
+         RETURNING cancel_requested",
     )
     .bind(job_id)
     .bind(worker_id)
     .bind(attempt)
     .bind(lease.as_secs_f64())
-    .execute(pool)
+    .fetch_optional(pool)
     .await?;
-    Ok(r.rows_affected() == 1)
+    Ok(match row {
+        None => LeaseStatus::Lost,
+        Some((true,)) => LeaseStatus::CancelRequested,
+        Some((false,)) => LeaseStatus::Held,
+    })
 }
 
 /// How an attempt ended, as the worker reports it.
@@ -394,10 +416,24 @@ pub async fn extend_lease(
 pub enum Outcome {
     Succeeded,
     /// Try again at `run_at`.
-    Retry { error: String, run_at: DateTime<Utc> },
-    Failed { error: String },
+    Retry {
+        error: String,
+        run_at: DateTime<Utc>,
+    },
+    Failed {
+        error: String,
+    },
     /// The worker is stopping: hand the job back to the queue (the message is requeued).
-    Released { reason: String },
+    Released {
+        reason: String,
+    },
+    /// The backend is known to be down: wait until `run_at` without spending an attempt.
+    /// The attempt's record is removed, as the backend was never called.
+    Deferred {
+        run_at: DateTime<Utc>,
+    },
+    /// A client cancelled the job while it ran.
+    Cancelled,
 }
 
 /// Writes an attempt's outcome, fenced by (lease_owner, attempt). Returns `false` if the
@@ -410,20 +446,24 @@ pub async fn finish_job(
     outcome: &Outcome,
 ) -> Result<bool, sqlx::Error> {
     let mut tx = pool.begin().await?;
+    let deferred = matches!(outcome, Outcome::Deferred { .. });
     let (state, attempt_outcome, error, run_at): (&str, &str, Option<&str>, Option<DateTime<Utc>>) =
         match outcome {
             Outcome::Succeeded => ("succeeded", "succeeded", None, None),
             Outcome::Retry { error, run_at } => ("retry_wait", "retry", Some(error), Some(*run_at)),
             Outcome::Failed { error } => ("failed", "failed", Some(error), None),
             Outcome::Released { reason } => ("queued", "lost", Some(reason), None),
+            Outcome::Deferred { run_at } => ("retry_wait", "", None, Some(*run_at)),
+            Outcome::Cancelled => ("cancelled", "cancelled", Some("cancelled by request"), None),
         };
     let r = sqlx::query(
         "UPDATE jobs
          SET state = $4, lease_owner = NULL, lease_until = NULL, updated_at = now(),
+             attempt = CASE WHEN $7 THEN attempt - 1 ELSE attempt END,
              last_error = CASE WHEN $4 = 'succeeded' THEN NULL ELSE coalesce($5, last_error) END,
              run_at = coalesce($6, run_at),
              dispatched_at = CASE WHEN $4 = 'retry_wait' THEN NULL ELSE dispatched_at END,
-             finished_at = CASE WHEN $4 IN ('succeeded', 'failed') THEN now() ELSE NULL END
+             finished_at = CASE WHEN $4 IN ('succeeded', 'failed', 'cancelled') THEN now() ELSE NULL END
          WHERE id = $1 AND lease_owner = $2 AND attempt = $3 AND state = 'running'",
     )
     .bind(job.id)
@@ -432,22 +472,31 @@ pub async fn finish_job(
     .bind(state)
     .bind(error)
     .bind(run_at)
+    .bind(deferred)
     .execute(&mut *tx)
     .await?;
     if r.rows_affected() != 1 {
         tx.rollback().await?;
         return Ok(false);
     }
-    sqlx::query(
-        "UPDATE job_attempts SET finished_at = now(), outcome = $3, error = $4
-         WHERE job_id = $1 AND attempt = $2",
-    )
-    .bind(job.id)
-    .bind(job.attempt)
-    .bind(attempt_outcome)
-    .bind(error)
-    .execute(&mut *tx)
-    .await?;
+    if deferred {
+        sqlx::query("DELETE FROM job_attempts WHERE job_id = $1 AND attempt = $2")
+            .bind(job.id)
+            .bind(job.attempt)
+            .execute(&mut *tx)
+            .await?;
+    } else {
+        sqlx::query(
+            "UPDATE job_attempts SET finished_at = now(), outcome = $3, error = $4
+             WHERE job_id = $1 AND attempt = $2",
+        )
+        .bind(job.id)
+        .bind(job.attempt)
+        .bind(attempt_outcome)
+        .bind(error)
+        .execute(&mut *tx)
+        .await?;
+    }
     if *outcome == Outcome::Succeeded {
         update_pin_index(&mut tx, job).await?;
     }
@@ -546,9 +595,13 @@ pub async fn relay_lock_due(
         }
         RelayScan::DueRetries => {
             sqlx::query_as(
-                "SELECT id, priority FROM jobs
-                 WHERE state = 'retry_wait' AND run_at <= now()
-                 ORDER BY run_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+                "SELECT j.id, j.priority FROM jobs j
+                 WHERE j.state = 'retry_wait' AND j.run_at <= now()
+                   -- Jobs for a backend the health checks hold down wait without spending
+                   -- attempts; they are published once it is back.
+                   AND NOT EXISTS (SELECT 1 FROM backends b
+                                   WHERE b.id = j.backend_id AND b.status = 'down')
+                 ORDER BY j.run_at LIMIT $1 FOR UPDATE OF j SKIP LOCKED",
             )
             .bind(limit)
             .fetch_all(conn)
@@ -802,4 +855,180 @@ pub async fn heartbeat(
     .execute(pool)
     .await?;
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Cancel and re-drive
+
+/// What a cancel request did to one job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CancelResult {
+    /// It had not started: it is now `cancelled`.
+    Cancelled,
+    /// It is running: its worker was asked to stop it.
+    Requested,
+    /// It had already finished; nothing changed.
+    AlreadyFinished,
+}
+
+/// Cancels a job visible to `owner`. `None`: no such job.
+pub async fn cancel_job(
+    pool: &PgPool,
+    id: Uuid,
+    owner: Option<&str>,
+) -> Result<Option<CancelResult>, sqlx::Error> {
+    let row: Option<(String,)> = sqlx::query_as(
+        "WITH target AS (
+             SELECT id, state FROM jobs
+             WHERE id = $1 AND ($2::text IS NULL OR owner = $2)
+             FOR UPDATE
+         ), upd AS (
+             UPDATE jobs j
+             SET state = CASE WHEN t.state IN ('queued', 'retry_wait') THEN 'cancelled' ELSE j.state END,
+                 finished_at = CASE WHEN t.state IN ('queued', 'retry_wait') THEN now() ELSE j.finished_at END,
+                 cancel_requested = (t.state = 'running') OR j.cancel_requested,
+                 updated_at = now()
+             FROM target t WHERE j.id = t.id AND t.state IN ('queued', 'retry_wait', 'running')
+         )
+         SELECT state FROM target",
+    )
+    .bind(id)
+    .bind(owner)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|(state,)| match state.as_str() {
+        "queued" | "retry_wait" => CancelResult::Cancelled,
+        "running" => CancelResult::Requested,
+        _ => CancelResult::AlreadyFinished,
+    }))
+}
+
+/// Counts of what cancelling a batch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct BatchCancel {
+    pub cancelled: i64,
+    pub requested: i64,
+}
+
+/// Cancels every job of a batch that has not finished. The caller checked the batch is
+/// visible to the caller.
+pub async fn cancel_batch(pool: &PgPool, batch_id: Uuid) -> Result<BatchCancel, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let cancelled = sqlx::query(
+        "UPDATE jobs SET state = 'cancelled', finished_at = now(), updated_at = now()
+         WHERE batch_id = $1 AND state IN ('queued', 'retry_wait')",
+    )
+    .bind(batch_id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected() as i64;
+    let requested = sqlx::query(
+        "UPDATE jobs SET cancel_requested = true, updated_at = now()
+         WHERE batch_id = $1 AND state = 'running'",
+    )
+    .bind(batch_id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected() as i64;
+    tx.commit().await?;
+    Ok(BatchCancel {
+        cancelled,
+        requested,
+    })
+}
+
+/// Re-drives failed (dead-lettered) jobs: back to `queued` with a fresh attempt budget (the
+/// batch's `max_attempts` more attempts). Either one job (`job`) or all failed jobs of a
+/// batch (`batch`), limited to `owner`'s. Returns the jobs to publish.
+pub async fn redrive_failed(
+    pool: &PgPool,
+    job: Option<Uuid>,
+    batch: Option<Uuid>,
+    owner: Option<&str>,
+) -> Result<Vec<(Uuid, Priority)>, sqlx::Error> {
+    let rows: Vec<(Uuid, i16)> = sqlx::query_as(
+        "UPDATE jobs j
+         SET state = 'queued', dispatched_at = NULL, finished_at = NULL, cancel_requested = false,
+             max_attempts = j.attempt + coalesce((b.retry->>'max_attempts')::int, j.max_attempts),
+             run_at = now(), updated_at = now()
+         FROM batches b
+         WHERE b.id = j.batch_id AND j.state = 'failed'
+           AND ($1::uuid IS NULL OR j.id = $1)
+           AND ($2::uuid IS NULL OR j.batch_id = $2)
+           AND ($3::text IS NULL OR j.owner = $3)
+         RETURNING j.id, j.priority",
+    )
+    .bind(job)
+    .bind(batch)
+    .bind(owner)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, p)| (id, Priority::new(i64::from(p)).unwrap_or_default()))
+        .collect())
+}
+
+// ---------------------------------------------------------------------------------------
+// The worker fleet
+
+#[derive(Debug, Clone, FromRow, Serialize)]
+pub struct WorkerRow {
+    pub id: Uuid,
+    pub host: String,
+    pub pid: i32,
+    pub concurrency: i32,
+    pub in_flight: i32,
+    pub state: String,
+    pub started_at: DateTime<Utc>,
+    pub last_heartbeat: DateTime<Utc>,
+    /// Jobs this worker holds the lease on right now.
+    pub running_jobs: i64,
+}
+
+/// Every worker that has not stopped, and those that stopped or were lost in the last hour.
+pub async fn list_workers(pool: &PgPool) -> Result<Vec<WorkerRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT w.id, w.host, w.pid, w.concurrency, w.in_flight, w.state, w.started_at,
+                w.last_heartbeat,
+                (SELECT count(*) FROM jobs j WHERE j.state = 'running' AND j.lease_owner = w.id)
+                    AS running_jobs
+         FROM workers w
+         WHERE w.state IN ('running', 'stopping') OR w.last_heartbeat > now() - interval '1 hour'
+         ORDER BY w.started_at",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// Marks workers whose heartbeat is older than `stale` as lost, and expires the leases of
+/// their running jobs so the relay takes those back at once instead of waiting out the
+/// lease. Returns (workers marked lost, leases expired).
+pub async fn reap_lost_workers(pool: &PgPool, stale: Duration) -> Result<(u64, u64), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let lost: Vec<(Uuid,)> = sqlx::query_as(
+        "UPDATE workers SET state = 'lost'
+         WHERE state IN ('running', 'stopping')
+           AND last_heartbeat < now() - make_interval(secs => $1)
+         RETURNING id",
+    )
+    .bind(stale.as_secs_f64())
+    .fetch_all(&mut *tx)
+    .await?;
+    let ids: Vec<Uuid> = lost.into_iter().map(|(id,)| id).collect();
+    let released = if ids.is_empty() {
+        0
+    } else {
+        sqlx::query(
+            "UPDATE jobs SET lease_until = now() - interval '1 second'
+             WHERE state = 'running' AND lease_owner = ANY($1)",
+        )
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+    };
+    tx.commit().await?;
+    Ok((ids.len() as u64, released))
 }

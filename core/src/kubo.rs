@@ -159,9 +159,8 @@ impl KuboClient {
             .rev()
             .find(|l| !l.trim().is_empty())
             .unwrap_or("");
-        serde_json::from_str(last).map_err(|e| {
-            BackendError::Protocol(format!("{path}: {e}: {}", truncate(last, 200)))
-        })
+        serde_json::from_str(last)
+            .map_err(|e| BackendError::Protocol(format!("{path}: {e}: {}", truncate(last, 200))))
     }
 
     /// Pins `cid` recursively. Pinning what is already pinned succeeds.
@@ -195,11 +194,9 @@ impl KuboClient {
             .await
         {
             Ok(_) => Ok(()),
-            Err(BackendError::Transient { message, .. } | BackendError::Rejected { message, .. })
-                if is_not_pinned(&message) =>
-            {
-                Ok(())
-            }
+            Err(
+                BackendError::Transient { message, .. } | BackendError::Rejected { message, .. },
+            ) if is_not_pinned(&message) => Ok(()),
             Err(e) => Err(e),
         }
     }
@@ -402,9 +399,15 @@ mod tests {
 
     #[test]
     fn classifies_errors() {
-        let e = classify(500, r#"{"Message":"not pinned or pinned indirectly","Code":0,"Type":"error"}"#);
+        let e = classify(
+            500,
+            r#"{"Message":"not pinned or pinned indirectly","Code":0,"Type":"error"}"#,
+        );
         assert!(matches!(e, BackendError::Transient { status: 500, .. }));
-        let e = classify(500, r#"{"Message":"context deadline exceeded","Code":0,"Type":"error"}"#);
+        let e = classify(
+            500,
+            r#"{"Message":"context deadline exceeded","Code":0,"Type":"error"}"#,
+        );
         assert!(matches!(e, BackendError::Timeout(_)));
         let e = classify(400, r#"{"Message":"invalid path","Code":1,"Type":"error"}"#);
         assert!(!e.is_transient());

@@ -45,7 +45,9 @@ pub enum RetryPolicyError {
     MaxAttempts,
     #[error("factor must be a number from 1 to 10")]
     Factor,
-    #[error("base_ms and max_delay_ms must be at most 86400000 (24 h), with base_ms <= max_delay_ms")]
+    #[error(
+        "base_ms and max_delay_ms must be at most 86400000 (24 h), with base_ms <= max_delay_ms"
+    )]
     Delay,
 }
 
@@ -68,7 +70,11 @@ impl RetryPolicy {
         let exp = failed_attempts.saturating_sub(1).min(1024) as i32;
         let bound = self.base.as_secs_f64() * self.factor.powi(exp);
         let cap = self.max_delay.as_secs_f64();
-        Duration::from_secs_f64(if bound.is_finite() { bound.min(cap) } else { cap })
+        Duration::from_secs_f64(if bound.is_finite() {
+            bound.min(cap)
+        } else {
+            cap
+        })
     }
 
     /// A full-jitter delay after `failed_attempts` failures.
@@ -121,8 +127,14 @@ mod tests {
             let min = draws.iter().min().unwrap();
             let max = draws.iter().max().unwrap();
             // Full jitter covers the whole range, not a narrow band near the ceiling.
-            assert!(min.as_secs_f64() < ceiling.as_secs_f64() * 0.05, "n={n} min={min:?}");
-            assert!(max.as_secs_f64() > ceiling.as_secs_f64() * 0.95, "n={n} max={max:?}");
+            assert!(
+                min.as_secs_f64() < ceiling.as_secs_f64() * 0.05,
+                "n={n} min={min:?}"
+            );
+            assert!(
+                max.as_secs_f64() > ceiling.as_secs_f64() * 0.95,
+                "n={n} max={max:?}"
+            );
         }
     }
 

@@ -5,6 +5,9 @@
 //! jobs whose worker lease expired (the worker is presumed dead). Each pass locks its rows
 //! with `FOR UPDATE SKIP LOCKED`, so any number of schedulers can run side by side.
 
+mod cron;
+mod tasks;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +22,11 @@ use uuid::Uuid;
 
 /// Command-line and environment settings of `pinq-scheduler`.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "pinq-scheduler", version, about = "pinq scheduler: relay and periodic tasks")]
+#[command(
+    name = "pinq-scheduler",
+    version,
+    about = "pinq scheduler: relay and periodic tasks"
+)]
 pub struct Args {
     #[command(flatten)]
     pub services: ServiceArgs,
@@ -36,7 +43,10 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         .max_connections(args.services.db_max_connections.clamp(1, 4))
         .acquire_timeout(Duration::from_secs(5))
         .connect_lazy(&args.services.database_url)?;
-    let publisher = Arc::new(Publisher::new(&args.services.amqp_url, &args.services.queue));
+    let publisher = Arc::new(Publisher::new(
+        &args.services.amqp_url,
+        &args.services.queue,
+    ));
     tracing::info!(queue = %args.services.queue, "pinq-scheduler started");
     println!("pinq-scheduler started");
     let relay = Relay {
@@ -44,7 +54,13 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         publisher: publisher.clone(),
         settings: args.scheduler.clone(),
     };
+    // The cron loop runs beside the relay; both finish their current pass on shutdown.
+    let cron = Arc::new(cron::CronLoop::new(pool.clone(), args.scheduler.clone()));
+    let cron_task = tokio::spawn(cron.run(shutdown.clone()));
     relay.run(shutdown).await;
+    if let Err(e) = cron_task.await {
+        tracing::error!(error = %e, "cron loop panicked");
+    }
     publisher.close().await;
     pool.close().await;
     tracing::info!("pinq-scheduler stopped");
@@ -95,6 +111,15 @@ impl Relay {
                 redispatch_after: Duration::from_secs(self.settings.redispatch_after_secs),
             },
         ];
+        let stale = Duration::from_secs(self.settings.worker_stale_secs.max(1));
+        let (lost, released) = db::reap_lost_workers(&self.pool, stale).await?;
+        if lost > 0 {
+            tracing::warn!(
+                workers = lost,
+                jobs = released,
+                "workers stopped heartbeating; marked lost and their leases expired"
+            );
+        }
         let mut most = 0;
         for scan in scans {
             most = most.max(self.publish_due(scan).await?);

@@ -7,6 +7,8 @@
 //! The binaries must be built first (`cargo build --workspace --bins`, which the test
 //! command in the README does).
 
+pub mod private;
+
 use std::collections::HashSet;
 use std::fs::File;
 use std::net::TcpListener as StdListener;
@@ -36,7 +38,8 @@ fn pg_admin_url() -> String {
 
 /// The broker every test uses (a private queue name keeps tests apart).
 pub fn amqp_url() -> String {
-    std::env::var("PINQ_TEST_AMQP").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    std::env::var("PINQ_TEST_AMQP")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
 fn repo_root() -> PathBuf {
@@ -94,7 +97,10 @@ impl TestDb {
         pinq_core::db::ensure_database(&url)
             .await
             .context("PostgreSQL must be running (the test command starts it)")?;
-        let pool = PgPoolOptions::new().max_connections(4).connect(&url).await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&url)
+            .await?;
         pinq_core::db::MIGRATOR.run(&pool).await?;
         Ok(TestDb { name, url, pool })
     }
@@ -131,7 +137,10 @@ impl Drop for TestDb {
 /// Runs async clean-up from `Drop`, which may itself run inside a runtime.
 fn run_blocking<F: std::future::Future<Output = ()> + Send + 'static>(f: F) {
     let _ = std::thread::spawn(move || {
-        if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
             rt.block_on(async {
                 let _ = tokio::time::timeout(Duration::from_secs(15), f).await;
             });
@@ -155,8 +164,12 @@ impl Proc {
         let log = dir.join(format!("{label}.log"));
         let out = File::create(&log)?;
         let err = out.try_clone()?;
-        cmd.stdout(Stdio::from(out)).stderr(Stdio::from(err)).stdin(Stdio::null());
-        let child = cmd.spawn().with_context(|| format!("failed to start {label}"))?;
+        cmd.stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .stdin(Stdio::null());
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("failed to start {label}"))?;
         Ok(Proc {
             label: label.to_owned(),
             child,
@@ -271,16 +284,24 @@ impl IpfsNode {
         self.proc = Some(proc);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if self.http.post(format!("{}/api/v0/version", self.url)).send().await.is_ok_and(|r| r.status().is_success()) {
+            if self
+                .http
+                .post(format!("{}/api/v0/version", self.url))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
                 return Ok(());
             }
-            if let Some(p) = self.proc.as_mut() {
-                if !p.alive() {
-                    bail!("the IPFS node exited at start:\n{}", p.log_tail(30));
-                }
+            if let Some(p) = self.proc.as_mut()
+                && !p.alive()
+            {
+                bail!("the IPFS node exited at start:\n{}", p.log_tail(30));
             }
             if Instant::now() > deadline {
-                bail!("the IPFS node did not answer within 60 s (is deploy/ipfs installed? run deploy/ipfs/install.sh)");
+                bail!(
+                    "the IPFS node did not answer within 60 s (is deploy/ipfs installed? run deploy/ipfs/install.sh)"
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -288,10 +309,10 @@ impl IpfsNode {
 
     /// Stops the node (SIGTERM), keeping its repository.
     pub async fn stop(&mut self) {
-        if let Some(mut p) = self.proc.take() {
-            if p.terminate(Duration::from_secs(10)).await.is_none() {
-                p.kill9();
-            }
+        if let Some(mut p) = self.proc.take()
+            && p.terminate(Duration::from_secs(10)).await.is_none()
+        {
+            p.kill9();
         }
     }
 
@@ -316,7 +337,10 @@ impl IpfsNode {
                 .http
                 .post(format!("{}/api/v0/add", self.url))
                 .query(&[("pin", "false"), ("wrap-with-directory", "false")])
-                .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+                .header(
+                    "content-type",
+                    format!("multipart/form-data; boundary={boundary}"),
+                )
                 .body(body)
                 .send()
                 .await?
@@ -329,7 +353,12 @@ impl IpfsNode {
                 cids.push(hash.to_owned());
             }
         }
-        anyhow::ensure!(cids.len() == contents.len(), "add returned {} CIDs for {} files", cids.len(), contents.len());
+        anyhow::ensure!(
+            cids.len() == contents.len(),
+            "add returned {} CIDs for {} files",
+            cids.len(),
+            contents.len()
+        );
         Ok(cids)
     }
 
@@ -340,7 +369,10 @@ impl IpfsNode {
         let mut out = HashSet::new();
         while let Some(cid) = stream.next().await {
             let cid = cid?;
-            out.insert(canonical_of(&cid).with_context(|| format!("node listed an unparsable CID {cid}"))?);
+            out.insert(
+                canonical_of(&cid)
+                    .with_context(|| format!("node listed an unparsable CID {cid}"))?,
+            );
         }
         Ok(out)
     }
@@ -501,7 +533,9 @@ impl Stack {
     }
 
     pub fn ipfs(&self) -> &IpfsNode {
-        self.ipfs.as_ref().expect("the test starts an IPFS node first")
+        self.ipfs
+            .as_ref()
+            .expect("the test starts an IPFS node first")
     }
 
     fn command(&self, bin: &str) -> Command {
@@ -538,10 +572,10 @@ impl Stack {
             if ok {
                 return Ok(());
             }
-            if let Some(api) = self.api.as_mut() {
-                if !api.alive() {
-                    bail!("pinq-api exited at start:\n{}", api.log_tail(30));
-                }
+            if let Some(api) = self.api.as_mut()
+                && !api.alive()
+            {
+                bail!("pinq-api exited at start:\n{}", api.log_tail(30));
             }
             if Instant::now() > deadline {
                 bail!("pinq-api did not become healthy within 30 s");
@@ -559,7 +593,11 @@ impl Stack {
     }
 
     pub fn start_scheduler(&mut self) -> anyhow::Result<()> {
-        self.scheduler = Some(Proc::spawn("scheduler", self.command("pinq-scheduler"), &self.dir)?);
+        self.scheduler = Some(Proc::spawn(
+            "scheduler",
+            self.command("pinq-scheduler"),
+            &self.dir,
+        )?);
         Ok(())
     }
 
@@ -581,13 +619,22 @@ impl Stack {
             .json(&json!({"name": name, "kind": "kubo", "url": url}))
             .send()
             .await?;
-        anyhow::ensure!(resp.status() == 201, "register backend: {} {}", resp.status(), resp.text().await?);
+        anyhow::ensure!(
+            resp.status() == 201,
+            "register backend: {} {}",
+            resp.status(),
+            resp.text().await?
+        );
         Ok(())
     }
 
     /// Submits a batch; returns (status, body).
     pub async fn submit(&self, body: &Value) -> anyhow::Result<(u16, Value)> {
-        let resp = self.req(reqwest::Method::POST, "/v1/batches").json(body).send().await?;
+        let resp = self
+            .req(reqwest::Method::POST, "/v1/batches")
+            .json(body)
+            .send()
+            .await?;
         let status = resp.status().as_u16();
         let body = resp.json().await.unwrap_or(Value::Null);
         Ok((status, body))
@@ -601,7 +648,10 @@ impl Stack {
     }
 
     pub async fn batch(&self, id: Uuid) -> anyhow::Result<Value> {
-        let resp = self.req(reqwest::Method::GET, &format!("/v1/batches/{id}")).send().await?;
+        let resp = self
+            .req(reqwest::Method::GET, &format!("/v1/batches/{id}"))
+            .send()
+            .await?;
         anyhow::ensure!(resp.status() == 200, "GET batch: {}", resp.status());
         Ok(resp.json().await?)
     }
@@ -654,7 +704,12 @@ impl Drop for Stack {
     fn drop(&mut self) {
         if std::thread::panicking() {
             for p in self.all_procs() {
-                eprintln!("----- {} (last lines of {}) -----\n{}", p.label, p.log.display(), p.log_tail(40));
+                eprintln!(
+                    "----- {} (last lines of {}) -----\n{}",
+                    p.label,
+                    p.log.display(),
+                    p.log_tail(40)
+                );
             }
         }
         // Stop the processes before the database and the queue go.
@@ -667,7 +722,10 @@ impl Drop for Stack {
             if let Ok(conn) = pinq_core::amqp::connect(&amqp_url(), "pinq-e2e-cleanup").await {
                 if let Ok(ch) = conn.create_channel().await {
                     let _ = ch
-                        .queue_delete(queue.as_str().into(), lapin::options::QueueDeleteOptions::default())
+                        .queue_delete(
+                            queue.as_str().into(),
+                            lapin::options::QueueDeleteOptions::default(),
+                        )
                         .await;
                 }
                 let _ = conn.close(200, "bye".into()).await;

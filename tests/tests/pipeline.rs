@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use lapin::BasicProperties;
-use lapin::options::BasicPublishOptions;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use pinq_core::amqp::JobMessage;
 use pinq_core::cid::canonical_of;
 use pinq_e2e::{FaultProxy, Stack, unique_contents};
@@ -20,7 +20,9 @@ fn pin_ops(cids: &[String], op: &str) -> Vec<Value> {
 }
 
 fn canonical(cids: &[String]) -> HashSet<String> {
-    cids.iter().map(|c| canonical_of(c).expect("node returned valid CIDs")).collect()
+    cids.iter()
+        .map(|c| canonical_of(c).expect("node returned valid CIDs"))
+        .collect()
 }
 
 /// Respells a CIDv0 as CIDv1 in base32, so batches mix both spellings.
@@ -42,15 +44,25 @@ async fn pins_500_then_unpins_half_on_a_real_node() -> anyhow::Result<()> {
         .map(|(i, c)| if i % 2 == 0 { c.clone() } else { as_v1(c) })
         .collect();
     let id = stack
-        .submit_ok(&json!({"priority": 5, "backends": ["local"], "ops": pin_ops(&submitted, "pin")}))
+        .submit_ok(
+            &json!({"priority": 5, "backends": ["local"], "ops": pin_ops(&submitted, "pin")}),
+        )
         .await?;
     let done = stack.wait_done(id, Duration::from_secs(180)).await?;
     assert_eq!(done["counts"]["succeeded"], 500, "{done}");
     assert_eq!(done["counts"]["failed"], 0, "{done}");
 
     let expected = canonical(&cids);
-    assert_eq!(ipfs.pins().await?, expected, "the node holds exactly the pinned CIDs");
-    assert_eq!(stack.pin_index("local").await?, expected, "the pin index agrees with the node");
+    assert_eq!(
+        ipfs.pins().await?,
+        expected,
+        "the node holds exactly the pinned CIDs"
+    );
+    assert_eq!(
+        stack.pin_index("local").await?,
+        expected,
+        "the pin index agrees with the node"
+    );
 
     let (unpin, keep) = cids.split_at(250);
     let id = stack
@@ -60,11 +72,21 @@ async fn pins_500_then_unpins_half_on_a_real_node() -> anyhow::Result<()> {
     assert_eq!(done["counts"]["succeeded"], 250, "{done}");
 
     let kept = canonical(keep);
-    assert_eq!(ipfs.pins().await?, kept, "exactly the other half is still pinned");
-    assert_eq!(stack.pin_index("local").await?, kept, "the pin index agrees with the node");
+    assert_eq!(
+        ipfs.pins().await?,
+        kept,
+        "exactly the other half is still pinned"
+    );
+    assert_eq!(
+        stack.pin_index("local").await?,
+        kept,
+        "the pin index agrees with the node"
+    );
 
     // Each job ran exactly once.
-    let (max_attempt,): (i32,) = sqlx::query_as("SELECT max(attempt) FROM jobs").fetch_one(&stack.db.pool).await?;
+    let (max_attempt,): (i32,) = sqlx::query_as("SELECT max(attempt) FROM jobs")
+        .fetch_one(&stack.db.pool)
+        .await?;
     assert_eq!(max_attempt, 1);
     Ok(())
 }
@@ -74,7 +96,9 @@ async fn invalid_batches_are_rejected_and_store_nothing() -> anyhow::Result<()> 
     let mut stack = Stack::new().await?;
     stack.start_api().await?;
     // The backend is never called: nothing in this test is accepted.
-    stack.register_backend("local", "http://127.0.0.1:9").await?;
+    stack
+        .register_backend("local", "http://127.0.0.1:9")
+        .await?;
     let good = "QmdfTbBqBPQ7VNxZEYEj14VmRuZBkqFbiwReogJgS1zR1n";
 
     struct Case {
@@ -84,7 +108,9 @@ async fn invalid_batches_are_rejected_and_store_nothing() -> anyhow::Result<()> 
         /// Text the error must contain (path or message), proving it names the problem.
         names: Vec<&'static str>,
     }
-    let many: Vec<Value> = (0..10_001).map(|_| json!({"op": "pin", "cid": good})).collect();
+    let many: Vec<Value> = (0..10_001)
+        .map(|_| json!({"op": "pin", "cid": good}))
+        .collect();
     let cases = vec![
         Case {
             what: "invalid CIDs",
@@ -145,11 +171,20 @@ async fn invalid_batches_are_rejected_and_store_nothing() -> anyhow::Result<()> 
         let status = resp.status().as_u16();
         let text = resp.text().await?;
         assert_eq!(status, case.status, "{}: {text}", case.what);
-        let body: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: error body is not JSON ({e}): {text}", case.what));
+        let body: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{}: error body is not JSON ({e}): {text}", case.what));
         assert!(body["error"]["code"].is_string(), "{}: {text}", case.what);
-        assert!(body["error"]["message"].is_string(), "{}: {text}", case.what);
+        assert!(
+            body["error"]["message"].is_string(),
+            "{}: {text}",
+            case.what
+        );
         for needle in &case.names {
-            assert!(text.contains(needle), "{}: error should mention {needle:?}: {text}", case.what);
+            assert!(
+                text.contains(needle),
+                "{}: error should mention {needle:?}: {text}",
+                case.what
+            );
         }
     }
 
@@ -170,11 +205,21 @@ async fn invalid_batches_are_rejected_and_store_nothing() -> anyhow::Result<()> 
         .await?;
     assert_eq!(resp.status(), 401);
 
-    assert_eq!(stack.db.count("batches").await, 0, "no rejected batch was stored");
-    assert_eq!(stack.db.count("jobs").await, 0, "no job of a rejected batch was stored");
+    assert_eq!(
+        stack.db.count("batches").await,
+        0,
+        "no rejected batch was stored"
+    );
+    assert_eq!(
+        stack.db.count("jobs").await,
+        0,
+        "no job of a rejected batch was stored"
+    );
 
     // The same valid op is accepted, proving the rejections were about the input.
-    stack.submit_ok(&json!({"ops": [{"op":"pin","cid":good}]})).await?;
+    stack
+        .submit_ok(&json!({"ops": [{"op":"pin","cid":good}]}))
+        .await?;
     assert_eq!(stack.db.count("jobs").await, 1);
     Ok(())
 }
@@ -197,10 +242,11 @@ async fn a_duplicate_delivery_does_not_run_the_job_twice() -> anyhow::Result<()>
     // Wait for the regular message to be confirmed, then put two more copies beside it.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let (dispatched,): (bool,) = sqlx::query_as("SELECT dispatched_at IS NOT NULL FROM jobs WHERE id = $1")
-            .bind(job_id)
-            .fetch_one(&stack.db.pool)
-            .await?;
+        let (dispatched,): (bool,) =
+            sqlx::query_as("SELECT dispatched_at IS NOT NULL FROM jobs WHERE id = $1")
+                .bind(job_id)
+                .fetch_one(&stack.db.pool)
+                .await?;
         if dispatched {
             break;
         }
@@ -208,17 +254,27 @@ async fn a_duplicate_delivery_does_not_run_the_job_twice() -> anyhow::Result<()>
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (conn, ch) = stack.amqp_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
     for _ in 0..2 {
-        ch.basic_publish(
-            "".into(),
-            stack.queue.as_str().into(),
-            BasicPublishOptions::default(),
-            &JobMessage::single(job_id),
-            BasicProperties::default().with_delivery_mode(2).with_priority(5),
-        )
-        .await?;
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                stack.queue.as_str().into(),
+                BasicPublishOptions::default(),
+                &JobMessage::single(job_id),
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_priority(5),
+            )
+            .await?
+            .await?;
+        assert!(confirm.is_ack());
     }
-    assert_eq!(pinq_core::amqp::queue_depth(&ch, &stack.queue).await?, 3, "three deliveries of one job wait");
+    assert_eq!(
+        pinq_core::amqp::queue_depth(&ch, &stack.queue).await?,
+        3,
+        "three deliveries of one job wait"
+    );
 
     stack.start_worker()?;
     stack.start_worker()?;
@@ -228,7 +284,10 @@ async fn a_duplicate_delivery_does_not_run_the_job_twice() -> anyhow::Result<()>
     // Every copy was consumed (and acknowledged), yet the job ran once.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while pinq_core::amqp::queue_depth(&ch, &stack.queue).await? > 0 {
-        assert!(std::time::Instant::now() < deadline, "duplicates were not consumed");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "duplicates were not consumed"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -237,10 +296,11 @@ async fn a_duplicate_delivery_does_not_run_the_job_twice() -> anyhow::Result<()>
         .fetch_one(&stack.db.pool)
         .await?;
     assert_eq!(attempt, 1, "the job was claimed once");
-    let (attempt_rows,): (i64,) = sqlx::query_as("SELECT count(*) FROM job_attempts WHERE job_id = $1")
-        .bind(job_id)
-        .fetch_one(&stack.db.pool)
-        .await?;
+    let (attempt_rows,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM job_attempts WHERE job_id = $1")
+            .bind(job_id)
+            .fetch_one(&stack.db.pool)
+            .await?;
     assert_eq!(attempt_rows, 1, "one attempt recorded");
     let _ = conn.close(200, "bye".into()).await;
     Ok(())
@@ -254,12 +314,17 @@ async fn a_batch_waits_queued_until_a_worker_starts() -> anyhow::Result<()> {
     stack.register_ipfs_backend("local").await?;
     stack.start_scheduler()?;
     let cids = stack.ipfs().add_unpinned(&unique_contents(20)).await?;
-    let id = stack.submit_ok(&json!({"ops": pin_ops(&cids, "pin")})).await?;
+    let id = stack
+        .submit_ok(&json!({"ops": pin_ops(&cids, "pin")}))
+        .await?;
 
     tokio::time::sleep(Duration::from_secs(3)).await;
     let b = stack.batch(id).await?;
     assert_eq!(b["state"], "running", "{b}");
-    assert_eq!(b["counts"]["queued"], 20, "with no worker every job waits queued: {b}");
+    assert_eq!(
+        b["counts"]["queued"], 20,
+        "with no worker every job waits queued: {b}"
+    );
     assert!(stack.ipfs().pins().await?.is_empty());
 
     stack.start_worker()?;
@@ -270,7 +335,8 @@ async fn a_batch_waits_queued_until_a_worker_starts() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_submitted_while_the_broker_is_unreachable_finishes_when_it_returns() -> anyhow::Result<()> {
+async fn a_batch_submitted_while_the_broker_is_unreachable_finishes_when_it_returns()
+-> anyhow::Result<()> {
     let proxy = FaultProxy::start("127.0.0.1:5672").await?;
     let mut stack = Stack::new().await?;
     stack.amqp_url = proxy.amqp_url();
@@ -282,24 +348,42 @@ async fn a_batch_submitted_while_the_broker_is_unreachable_finishes_when_it_retu
     let cids = stack.ipfs().add_unpinned(&unique_contents(30)).await?;
 
     proxy.cut();
-    let resp = stack.http.get(format!("{}/readyz", stack.api_url)).send().await?;
-    assert_eq!(resp.status(), 503, "not ready while the broker is unreachable");
-    assert_eq!(resp.json::<Value>().await?["checks"]["rabbitmq"], "unreachable");
+    let resp = stack
+        .http
+        .get(format!("{}/readyz", stack.api_url))
+        .send()
+        .await?;
+    assert_eq!(
+        resp.status(),
+        503,
+        "not ready while the broker is unreachable"
+    );
+    assert_eq!(
+        resp.json::<Value>().await?["checks"]["rabbitmq"],
+        "unreachable"
+    );
 
-    let id = stack.submit_ok(&json!({"ops": pin_ops(&cids, "pin")})).await?;
+    let id = stack
+        .submit_ok(&json!({"ops": pin_ops(&cids, "pin")}))
+        .await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let b = stack.batch(id).await?;
     assert_eq!(b["counts"]["queued"], 30, "accepted and waiting: {b}");
-    let (undispatched,): (i64,) = sqlx::query_as("SELECT count(*) FROM jobs WHERE dispatched_at IS NULL")
-        .fetch_one(&stack.db.pool)
-        .await?;
+    let (undispatched,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM jobs WHERE dispatched_at IS NULL")
+            .fetch_one(&stack.db.pool)
+            .await?;
     assert_eq!(undispatched, 30, "no message could be published");
 
     proxy.restore();
     let done = stack.wait_done(id, Duration::from_secs(90)).await?;
     assert_eq!(done["counts"]["succeeded"], 30, "{done}");
     assert_eq!(stack.ipfs().pins().await?, canonical(&cids));
-    let resp = stack.http.get(format!("{}/readyz", stack.api_url)).send().await?;
+    let resp = stack
+        .http
+        .get(format!("{}/readyz", stack.api_url))
+        .send()
+        .await?;
     assert_eq!(resp.status(), 200);
     Ok(())
 }
@@ -308,11 +392,16 @@ async fn a_batch_submitted_while_the_broker_is_unreachable_finishes_when_it_retu
 async fn jobs_and_attempts_are_readable() -> anyhow::Result<()> {
     let stack = Stack::full(1).await?;
     let cids = stack.ipfs().add_unpinned(&unique_contents(3)).await?;
-    let id = stack.submit_ok(&json!({"ops": pin_ops(&cids, "pin")})).await?;
+    let id = stack
+        .submit_ok(&json!({"ops": pin_ops(&cids, "pin")}))
+        .await?;
     stack.wait_done(id, Duration::from_secs(60)).await?;
 
     let page: Value = stack
-        .req(reqwest::Method::GET, &format!("/v1/batches/{id}/jobs?limit=2"))
+        .req(
+            reqwest::Method::GET,
+            &format!("/v1/batches/{id}/jobs?limit=2"),
+        )
         .send()
         .await?
         .json()
@@ -322,7 +411,10 @@ async fn jobs_and_attempts_are_readable() -> anyhow::Result<()> {
     assert_eq!(jobs[0]["cid"], cids[0].as_str());
     let next = page["next"].as_str().expect("a next cursor");
     let page2: Value = stack
-        .req(reqwest::Method::GET, &format!("/v1/batches/{id}/jobs?limit=2&after={next}"))
+        .req(
+            reqwest::Method::GET,
+            &format!("/v1/batches/{id}/jobs?limit=2&after={next}"),
+        )
         .send()
         .await?
         .json()
@@ -343,7 +435,10 @@ async fn jobs_and_attempts_are_readable() -> anyhow::Result<()> {
     assert_eq!(job["attempts"][0]["outcome"], "succeeded");
 
     let missing = stack
-        .req(reqwest::Method::GET, &format!("/v1/jobs/{}", Uuid::new_v4()))
+        .req(
+            reqwest::Method::GET,
+            &format!("/v1/jobs/{}", Uuid::new_v4()),
+        )
         .send()
         .await?;
     assert_eq!(missing.status(), 404);

@@ -18,7 +18,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions};
 use pinq_core::amqp::{self, JobMessage};
 use pinq_core::config::{LogArgs, ServiceArgs, WorkerArgs};
-use pinq_core::db::{self, Backend, ClaimedJob, Outcome};
+use pinq_core::db::{self, Backend, ClaimedJob, LeaseStatus, Outcome};
 use pinq_core::kubo::{BackendError, KuboClient};
 use pinq_core::model::Op;
 use sqlx::PgPool;
@@ -29,7 +29,11 @@ use uuid::Uuid;
 
 /// Command-line and environment settings of `pinq-worker`.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "pinq-worker", version, about = "pinq worker: runs pin jobs on IPFS backends")]
+#[command(
+    name = "pinq-worker",
+    version,
+    about = "pinq worker: runs pin jobs on IPFS backends"
+)]
 pub struct Args {
     #[command(flatten)]
     pub services: ServiceArgs,
@@ -39,8 +43,13 @@ pub struct Args {
     pub log: LogArgs,
 }
 
-/// How long a backend entry is trusted before it is read again.
-const BACKEND_CACHE_TTL: Duration = Duration::from_secs(10);
+/// How long a backend entry (and so its health status) is trusted before it is read again.
+const BACKEND_CACHE_TTL: Duration = Duration::from_secs(3);
+/// How long a job for a backend held `down` waits before it is looked at again. The relay
+/// does not publish it while the backend stays down, so this is a floor, not a poll.
+const DOWN_BACKEND_DEFER: Duration = Duration::from_secs(5);
+/// Longest pause between lease extensions (they also carry cancel requests).
+const MAX_LEASE_TICK: Duration = Duration::from_secs(5);
 
 struct Ctx {
     id: Uuid,
@@ -68,9 +77,15 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     let Some(pool) = pool else { return Ok(()) };
     let id = Uuid::new_v4();
     let host = hostname();
-    db::register_worker(&pool, id, &host, std::process::id(), args.worker.concurrency)
-        .await
-        .context("failed to register the worker")?;
+    db::register_worker(
+        &pool,
+        id,
+        &host,
+        std::process::id(),
+        args.worker.concurrency,
+    )
+    .await
+    .context("failed to register the worker")?;
     tracing::info!(worker_id = %id, concurrency = args.worker.concurrency, prefetch = args.worker.effective_prefetch(), "pinq-worker started");
     println!("pinq-worker {id} started");
 
@@ -93,7 +108,11 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     tracker.close();
     let grace = Duration::from_secs(args.worker.shutdown_grace_secs);
     let in_flight = ctx.in_flight.load(Ordering::Relaxed);
-    tracing::info!(in_flight, grace_secs = grace.as_secs(), "draining in-flight jobs");
+    tracing::info!(
+        in_flight,
+        grace_secs = grace.as_secs(),
+        "draining in-flight jobs"
+    );
     let _ = db::heartbeat(&pool, id, in_flight, "stopping").await;
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!(
@@ -272,19 +291,38 @@ async fn run_job(ctx: &Ctx, job_id: Uuid) -> Disposition {
     let _enter = span.enter();
     drop(_enter);
 
+    // A backend the health checks hold down is not called: the job waits without spending
+    // an attempt, and the worker moves on to jobs for healthy backends.
+    let backend = match backend(ctx, job.backend_id).await {
+        Ok(b) if b.status == "down" => {
+            tracing::info!(job_id = %job.id, backend = %b.name, "backend is down; job deferred");
+            let run_at =
+                Utc::now() + chrono::Duration::from_std(DOWN_BACKEND_DEFER).unwrap_or_default();
+            write_outcome(ctx, &job, &Outcome::Deferred { run_at }).await;
+            return Disposition::Ack;
+        }
+        other => other,
+    };
+
     let lost = CancellationToken::new();
+    let cancel = CancellationToken::new();
     let keeper = tokio::spawn(keep_lease(
         ctx.pool.clone(),
-        job.id,
-        ctx.id,
-        job.attempt,
+        (job.id, ctx.id, job.attempt),
         lease,
         lost.clone(),
+        cancel.clone(),
     ));
     let started = tokio::time::Instant::now();
     let result = tokio::select! {
-        r = execute(ctx, &job) => Some(r),
+        r = execute(ctx, &job, backend) => Some(r),
         _ = lost.cancelled() => None,
+        _ = cancel.cancelled() => {
+            keeper.abort();
+            tracing::info!(job_id = %job.id, "job cancelled while running");
+            write_outcome(ctx, &job, &Outcome::Cancelled).await;
+            return Disposition::Ack;
+        }
         _ = ctx.abandon.cancelled() => {
             keeper.abort();
             let outcome = Outcome::Released { reason: "worker shut down before the job finished".into() };
@@ -354,22 +392,27 @@ async fn write_outcome(ctx: &Ctx, job: &ClaimedJob, outcome: &Outcome) {
     }
 }
 
-/// Extends the lease every third of its length; cancels `lost` if it is gone.
+/// Extends the lease every third of its length (at most every few seconds, since the
+/// extension also reports cancel requests); cancels `lost` if the lease is gone and
+/// `cancel` if a client cancelled the job.
 async fn keep_lease(
     pool: PgPool,
-    job_id: Uuid,
-    worker_id: Uuid,
-    attempt: i32,
+    (job_id, worker_id, attempt): (Uuid, Uuid, i32),
     lease: Duration,
     lost: CancellationToken,
+    cancel: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(lease / 3);
+    let mut tick = tokio::time::interval((lease / 3).min(MAX_LEASE_TICK));
     tick.tick().await;
     loop {
         tick.tick().await;
         match db::extend_lease(&pool, job_id, worker_id, attempt, lease).await {
-            Ok(true) => {}
-            Ok(false) => {
+            Ok(LeaseStatus::Held) => {}
+            Ok(LeaseStatus::CancelRequested) => {
+                cancel.cancel();
+                return;
+            }
+            Ok(LeaseStatus::Lost) => {
                 lost.cancel();
                 return;
             }
@@ -380,10 +423,10 @@ async fn keep_lease(
 }
 
 async fn backend(ctx: &Ctx, id: Uuid) -> Result<Backend, BackendError> {
-    if let Some((at, b)) = ctx.backends.read().await.get(&id) {
-        if at.elapsed() < BACKEND_CACHE_TTL {
-            return Ok(b.clone());
-        }
+    if let Some((at, b)) = ctx.backends.read().await.get(&id)
+        && at.elapsed() < BACKEND_CACHE_TTL
+    {
+        return Ok(b.clone());
     }
     let fetched = db::backend_by_id(&ctx.pool, id)
         .await
@@ -402,8 +445,12 @@ async fn backend(ctx: &Ctx, id: Uuid) -> Result<Backend, BackendError> {
 }
 
 /// Runs the job's operation on its backend.
-async fn execute(ctx: &Ctx, job: &ClaimedJob) -> Result<(), BackendError> {
-    let backend = backend(ctx, job.backend_id).await?;
+async fn execute(
+    ctx: &Ctx,
+    job: &ClaimedJob,
+    backend: Result<Backend, BackendError>,
+) -> Result<(), BackendError> {
+    let backend = backend?;
     if !backend.enabled {
         return Err(BackendError::Transient {
             status: 503,
