@@ -1,12 +1,15 @@
-//! `POST /v1/backends`, `GET /v1/backends`: the IPFS endpoints pinq pins on.
+//! `POST /v1/backends`, `GET /v1/backends` (with each backend's health and latest probe),
+//! `GET /v1/backends/{name}/health` (the probe history): the IPFS endpoints pinq pins on.
 
 use axum::Extension;
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
 use pinq_core::db::{self, Backend};
+use pinq_core::health;
 use pinq_core::model::{BackendKind, BackendName};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -23,7 +26,7 @@ struct CreateBackend {
     url: String,
 }
 
-fn require_admin(caller: &Caller) -> ApiResult<()> {
+pub(crate) fn require_admin(caller: &Caller) -> ApiResult<()> {
     if caller.admin {
         Ok(())
     } else {
@@ -90,5 +93,77 @@ pub async fn list(
 ) -> ApiResult<Json<Value>> {
     require_admin(&caller)?;
     let backends = db::list_backends(&state.pool).await?;
-    Ok(Json(json!({ "backends": backends })))
+    let mut health: std::collections::HashMap<uuid::Uuid, health::BackendHealth> =
+        health::all_backend_health(&state.pool)
+            .await?
+            .into_iter()
+            .map(|h| (h.id, h))
+            .collect();
+    let items: Vec<Value> = backends
+        .into_iter()
+        .map(|b| {
+            let h = health.remove(&b.id);
+            let mut v = serde_json::to_value(&b).unwrap_or(Value::Null);
+            v["health"] = health_view(h.as_ref());
+            v
+        })
+        .collect();
+    Ok(Json(json!({ "backends": items })))
+}
+
+/// A backend's current health and its latest probe, as `GET /v1/backends` shows them.
+fn health_view(h: Option<&health::BackendHealth>) -> Value {
+    let Some(h) = h else { return Value::Null };
+    let latest_probe = h.last_probe_at.map(|at| {
+        json!({
+            "probed_at": at,
+            "ok": h.last_probe_ok,
+            "latency_ms": h.last_probe_latency_ms,
+            "error": h.last_probe_error,
+            "node_version": h.node_version,
+            "repo_size": h.repo_size,
+            "num_objects": h.num_objects,
+        })
+    });
+    json!({
+        "status": h.status,
+        "status_since": h.status_since,
+        "consecutive_failures": h.consecutive_failures,
+        "consecutive_successes": h.consecutive_successes,
+        "latest_probe": latest_probe,
+    })
+}
+
+#[derive(Debug, Deserialize)]
+pub struct HistoryQuery {
+    before: Option<DateTime<Utc>>,
+    limit: Option<i64>,
+}
+
+/// `GET /v1/backends/{name}/health`: current health and the probe history, newest first.
+pub async fn health_history(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+    query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    require_admin(&caller)?;
+    let Query(q) = query.map_err(|e| {
+        ApiError::invalid(
+            format!("invalid query: {e}"),
+            vec![Problem::at(
+                "query",
+                "expected before (RFC 3339) and limit (1-1000)",
+            )],
+        )
+    })?;
+    let h = health::backend_health(&state.pool, &name)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no backend named '{name}'")))?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let probes = health::probes(&state.pool, h.id, q.before, limit).await?;
+    let mut v = health_view(Some(&h));
+    v["backend"] = json!(name);
+    v["probes"] = json!(probes);
+    Ok(Json(v))
 }

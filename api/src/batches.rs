@@ -606,20 +606,7 @@ pub async fn list(
     Query(q): Query<ListQuery>,
 ) -> ApiResult<Json<Value>> {
     let limit = page_limit(q.limit)?;
-    let rows: Vec<(Uuid, i16, i32, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT id, priority, job_count, created_at FROM batches
-         WHERE ($1::text IS NULL OR owner = $1) ORDER BY created_at DESC, id LIMIT $2",
-    )
-    .bind(caller.owner_filter())
-    .bind(limit)
-    .fetch_all(&state.pool)
-    .await?;
-    let batches: Vec<Value> = rows
-        .into_iter()
-        .map(|(id, priority, jobs, created_at)| {
-            serde_json::json!({"id": id, "priority": priority, "jobs": jobs, "created_at": created_at})
-        })
-        .collect();
+    let batches = db::list_batches(&state.pool, caller.owner_filter(), limit).await?;
     Ok(Json(serde_json::json!({ "batches": batches })))
 }
 

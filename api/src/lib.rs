@@ -9,6 +9,7 @@ mod batches;
 mod error;
 mod health;
 mod jobs;
+mod schedules;
 mod workers;
 
 use std::net::SocketAddr;
@@ -156,6 +157,14 @@ fn router(state: AppState, max_body_bytes: usize, request_timeout: Duration) -> 
         .route("/v1/batches/{id}/cancel", post(batches::cancel))
         .route("/v1/batches/{id}/retry-failed", post(batches::retry_failed))
         .route("/v1/jobs/{id}", get(jobs::get))
+        .route("/v1/backends/{name}/health", get(backends::health_history))
+        .route("/v1/schedules", get(schedules::list))
+        .route(
+            "/v1/schedules/{name}",
+            axum::routing::patch(schedules::patch),
+        )
+        .route("/v1/schedules/{name}/run", post(schedules::run_now))
+        .route("/v1/schedules/{name}/runs", get(schedules::runs))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/retry", post(jobs::retry))
         .route("/v1/workers", get(workers::list))

@@ -457,14 +457,22 @@ pub async fn finish_job(
             Outcome::Cancelled => ("cancelled", "cancelled", Some("cancelled by request"), None),
         };
     let r = sqlx::query(
-        "UPDATE jobs
-         SET state = $4, lease_owner = NULL, lease_until = NULL, updated_at = now(),
+        // A job whose cancellation was requested while it ran ends `cancelled` instead of
+        // going back to wait for another attempt.
+        "WITH next AS (
+             SELECT CASE WHEN cancel_requested AND $4 IN ('retry_wait', 'queued')
+                         THEN 'cancelled' ELSE $4 END AS state
+             FROM jobs WHERE id = $1
+         )
+         UPDATE jobs
+         SET state = next.state, lease_owner = NULL, lease_until = NULL, updated_at = now(),
              attempt = CASE WHEN $7 THEN attempt - 1 ELSE attempt END,
-             last_error = CASE WHEN $4 = 'succeeded' THEN NULL ELSE coalesce($5, last_error) END,
+             last_error = CASE WHEN next.state = 'succeeded' THEN NULL ELSE coalesce($5, last_error) END,
              run_at = coalesce($6, run_at),
-             dispatched_at = CASE WHEN $4 = 'retry_wait' THEN NULL ELSE dispatched_at END,
-             finished_at = CASE WHEN $4 IN ('succeeded', 'failed', 'cancelled') THEN now() ELSE NULL END
-         WHERE id = $1 AND lease_owner = $2 AND attempt = $3 AND state = 'running'",
+             dispatched_at = CASE WHEN next.state = 'retry_wait' THEN NULL ELSE dispatched_at END,
+             finished_at = CASE WHEN next.state IN ('succeeded', 'failed', 'cancelled') THEN now() ELSE NULL END
+         FROM next
+         WHERE id = $1 AND lease_owner = $2 AND attempt = $3 AND jobs.state = 'running'",
     )
     .bind(job.id)
     .bind(worker_id)
@@ -566,8 +574,7 @@ pub enum RelayScan {
 }
 
 /// Locks up to `limit` jobs that a relay pass must publish (`FOR UPDATE SKIP LOCKED`, so
-/// several relays share the work). The caller publishes them, then calls
-/// [`relay_mark_published`] in the same transaction and commits.
+/// several relays share the work). See `pinq_scheduler::Relay` for what follows.
 pub async fn relay_lock_due(
     conn: &mut PgConnection,
     scan: RelayScan,
@@ -620,8 +627,9 @@ pub async fn relay_lock_due(
     }
 }
 
-/// Marks jobs locked by [`relay_lock_due`] as queued and dispatched.
-pub async fn relay_mark_published(
+/// Moves due retries or jobs with an expired lease, locked by [`relay_lock_due`], back to
+/// `queued` and undispatched. The caller commits this before publishing their messages.
+pub async fn relay_requeue(
     conn: &mut PgConnection,
     scan: RelayScan,
     ids: &[Uuid],
@@ -640,7 +648,7 @@ pub async fn relay_mark_published(
     }
     sqlx::query(
         "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_until = NULL,
-                dispatched_at = now(), updated_at = now(),
+                dispatched_at = NULL, updated_at = now(),
                 last_error = CASE WHEN state = 'running'
                                   THEN 'lease expired: worker presumed dead' ELSE last_error END
          WHERE id = ANY($1)",
@@ -648,6 +656,18 @@ pub async fn relay_mark_published(
     .bind(ids)
     .execute(conn)
     .await?;
+    Ok(())
+}
+
+/// Records that the broker confirmed messages for jobs the relay holds locked.
+pub async fn relay_mark_dispatched(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE jobs SET dispatched_at = now() WHERE id = ANY($1)")
+        .bind(ids)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
@@ -708,6 +728,23 @@ pub async fn get_batch(
     .bind(id)
     .bind(owner)
     .fetch_optional(pool)
+    .await
+}
+
+/// The newest batches visible to `owner` (`None`: all), newest first.
+pub async fn list_batches(
+    pool: &PgPool,
+    owner: Option<&str>,
+    limit: i64,
+) -> Result<Vec<BatchRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, owner, priority, backends, retry, idempotency_key, job_count, created_at
+         FROM batches WHERE ($1::text IS NULL OR owner = $1)
+         ORDER BY created_at DESC, id LIMIT $2",
+    )
+    .bind(owner)
+    .bind(limit)
+    .fetch_all(pool)
     .await
 }
 

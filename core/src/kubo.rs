@@ -19,9 +19,13 @@ pub enum BackendError {
     /// The call (or the backend's own `timeout`) ran out of time.
     #[error("backend timed out: {0}")]
     Timeout(String),
-    /// The backend could not be reached at all.
+    /// The backend could not be reached at all (no connection): it never saw the request.
     #[error("backend unreachable: {0}")]
     Unreachable(String),
+    /// The connection broke while the request was under way: the backend may have
+    /// started the work.
+    #[error("connection to the backend broke: {0}")]
+    Interrupted(String),
     /// The backend failed in a way that may pass (5xx, shutting down, 408, 429).
     #[error("backend error (HTTP {status}): {message}")]
     Transient { status: u16, message: String },
@@ -53,7 +57,7 @@ impl BackendError {
             BackendError::Protocol(e.to_string())
         } else {
             // Resets and broken bodies mid-request: the backend went away under us.
-            BackendError::Unreachable(e.to_string())
+            BackendError::Interrupted(e.to_string())
         }
     }
 }

@@ -127,8 +127,16 @@ impl Relay {
         Ok(most)
     }
 
-    /// Locks due jobs, publishes them with confirms, marks them dispatched, commits. If the
-    /// publish fails the transaction rolls back and the jobs stay due for the next pass.
+    /// Publishes one scan's due jobs with confirms and marks them dispatched.
+    ///
+    /// Undispatched jobs are already `queued`: they are locked, published and marked in one
+    /// transaction (a worker whose claim meets the lock waits for the commit, then claims).
+    /// Due retries and expired leases first move to `queued` in a transaction of their
+    /// own, committed before anything is published: a claim never waits on a row whose
+    /// committed state does not match, so a message published before that commit could
+    /// reach a worker that still sees `retry_wait` or `running` and drops it. If the
+    /// publish then fails, they are plain undispatched jobs and the third scan publishes
+    /// them after the grace period.
     async fn publish_due(&self, scan: RelayScan) -> anyhow::Result<usize> {
         let mut tx = self.pool.begin().await?;
         let due = db::relay_lock_due(&mut tx, scan, self.settings.relay_batch).await?;
@@ -145,10 +153,17 @@ impl Relay {
                 )
             })
             .collect();
-        self.publisher.publish_jobs(&jobs).await?;
         let ids: Vec<Uuid> = jobs.iter().map(|(id, _)| *id).collect();
-        db::relay_mark_published(&mut tx, scan, &ids).await?;
-        tx.commit().await?;
+        if matches!(scan, RelayScan::Undispatched { .. }) {
+            self.publisher.publish_jobs(&jobs).await?;
+            db::relay_mark_dispatched(&mut tx, &ids).await?;
+            tx.commit().await?;
+        } else {
+            db::relay_requeue(&mut tx, scan, &ids).await?;
+            tx.commit().await?;
+            self.publisher.publish_jobs(&jobs).await?;
+            db::mark_dispatched(&self.pool, &ids).await?;
+        }
         match scan {
             RelayScan::ExpiredLeases => {
                 tracing::warn!(jobs = ids.len(), "requeued jobs whose lease expired")

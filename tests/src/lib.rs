@@ -88,12 +88,19 @@ pub struct TestDb {
     pub name: String,
     pub url: String,
     pub pool: PgPool,
+    server: String,
 }
 
 impl TestDb {
     pub async fn create() -> anyhow::Result<TestDb> {
+        Self::create_on(&pg_admin_url()).await
+    }
+
+    /// A database on another server, e.g. a private instance a fault test restarts.
+    /// `server` is a URL without a database name: `postgres://postgres@127.0.0.1:PORT`.
+    pub async fn create_on(server: &str) -> anyhow::Result<TestDb> {
         let name = format!("pinq_e2e_{}", Uuid::new_v4().simple());
-        let url = format!("{}/{name}", pg_admin_url());
+        let url = format!("{server}/{name}");
         pinq_core::db::ensure_database(&url)
             .await
             .context("PostgreSQL must be running (the test command starts it)")?;
@@ -102,7 +109,12 @@ impl TestDb {
             .connect(&url)
             .await?;
         pinq_core::db::MIGRATOR.run(&pool).await?;
-        Ok(TestDb { name, url, pool })
+        Ok(TestDb {
+            name,
+            url,
+            pool,
+            server: server.to_owned(),
+        })
     }
 
     /// Counts rows of a table (test-only helper; the table name is a literal of the test).
@@ -120,11 +132,12 @@ impl Drop for TestDb {
     fn drop(&mut self) {
         let name = self.name.clone();
         let pool = self.pool.clone();
+        let server = self.server.clone();
         run_blocking(async move {
             pool.close().await;
             if let Ok(pool) = PgPoolOptions::new()
                 .max_connections(1)
-                .connect(&format!("{}/postgres", pg_admin_url()))
+                .connect(&format!("{server}/postgres"))
                 .await
             {
                 let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
@@ -491,8 +504,16 @@ pub struct Stack {
 impl Stack {
     /// A database and a queue name; no processes yet.
     pub async fn new() -> anyhow::Result<Stack> {
+        Self::with_db(TestDb::create().await?)
+    }
+
+    /// Like [`Stack::new`], with the database on another PostgreSQL server.
+    pub async fn on_postgres(server: &str) -> anyhow::Result<Stack> {
+        Self::with_db(TestDb::create_on(server).await?)
+    }
+
+    fn with_db(db: TestDb) -> anyhow::Result<Stack> {
         let dir = scratch_dir("stack");
-        let db = TestDb::create().await?;
         let api_port = free_port();
         Ok(Stack {
             dir,
@@ -664,9 +685,12 @@ impl Stack {
             if b["state"] == "done" {
                 return Ok(b);
             }
-            if Instant::now() > deadline {
-                bail!("batch {id} not done within {timeout:?}: {}", b["counts"]);
-            }
+            // A panic (not an error) so that the stack's logs are printed.
+            assert!(
+                Instant::now() < deadline,
+                "batch {id} not done within {timeout:?}: {}",
+                b["counts"]
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -734,5 +758,125 @@ impl Drop for Stack {
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Fault-test helpers
+
+impl IpfsNode {
+    /// A valid CID of content nobody has (a random SHA-256 digest, raw codec): pinning it
+    /// blocks until the pin's timeout.
+    pub fn unprovided_cid(&self) -> String {
+        let digest: [u8; 32] = rand::random();
+        match cid::multihash::Multihash::<64>::wrap(0x12, &digest) {
+            Ok(mh) => cid::Cid::new_v1(0x55, mh).to_string(),
+            // A 32-byte digest always fits a 64-byte multihash.
+            Err(e) => panic!("multihash: {e}"),
+        }
+    }
+}
+
+impl Stack {
+    /// The worker id a worker process registered under.
+    pub async fn worker_id(&self, index: usize) -> anyhow::Result<Uuid> {
+        let pid = self.workers.get(index).context("no such worker")?.pid();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let row: Option<(Uuid,)> = sqlx::query_as(
+                "SELECT id FROM workers WHERE pid = $1 ORDER BY started_at DESC LIMIT 1",
+            )
+            .bind(pid)
+            .fetch_optional(&self.db.pool)
+            .await?;
+            if let Some((id,)) = row {
+                return Ok(id);
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "worker pid {pid} never registered"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Counts jobs of a batch per state, read from PostgreSQL directly.
+    pub async fn state_counts(
+        &self,
+        batch: Uuid,
+    ) -> anyhow::Result<std::collections::HashMap<String, i64>> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT state, count(*) FROM jobs WHERE batch_id = $1 GROUP BY state")
+                .bind(batch)
+                .fetch_all(&self.db.pool)
+                .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    /// The figures every fault test prints and checks: what was submitted, and how the
+    /// jobs ended according to PostgreSQL.
+    pub async fn figures(&self, batches: &[Uuid], submitted: i64) -> anyhow::Result<Figures> {
+        let (succeeded, failed, unfinished, stored): (i64, i64, i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE state = 'succeeded'),
+                    count(*) FILTER (WHERE state = 'failed'),
+                    count(*) FILTER (WHERE state NOT IN ('succeeded', 'failed', 'cancelled')),
+                    count(*)
+             FROM jobs WHERE batch_id = ANY($1)",
+        )
+        .bind(batches)
+        .fetch_one(&self.db.pool)
+        .await?;
+        let (double_run, attempts, max_attempt): (i64, i64, i32) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM (
+                        SELECT a.job_id FROM job_attempts a JOIN jobs j ON j.id = a.job_id
+                        WHERE j.batch_id = ANY($1) AND a.outcome = 'succeeded'
+                        GROUP BY a.job_id HAVING count(*) > 1) d),
+                    (SELECT count(*) FROM job_attempts a JOIN jobs j ON j.id = a.job_id
+                     WHERE j.batch_id = ANY($1)),
+                    (SELECT coalesce(max(attempt), 0) FROM jobs WHERE batch_id = ANY($1))",
+        )
+        .bind(batches)
+        .fetch_one(&self.db.pool)
+        .await?;
+        Ok(Figures {
+            submitted,
+            succeeded,
+            failed,
+            // A job is lost if it was accepted but has no row, or never reached an end.
+            lost: (submitted - stored) + unfinished,
+            double_run,
+            attempts,
+            max_attempt,
+        })
+    }
+}
+
+/// How a fault test's jobs ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Figures {
+    pub submitted: i64,
+    pub succeeded: i64,
+    pub failed: i64,
+    pub lost: i64,
+    /// Jobs recorded as succeeded by more than one attempt.
+    pub double_run: i64,
+    pub attempts: i64,
+    pub max_attempt: i32,
+}
+
+impl Figures {
+    /// Prints the line `docs/reliability.md` quotes.
+    pub fn print(&self, test: &str, extra: &str) {
+        println!(
+            "fault-figures {test}: submitted={} succeeded={} failed={} lost={} double_run={} attempts={} max_attempt={}{}{extra}",
+            self.submitted,
+            self.succeeded,
+            self.failed,
+            self.lost,
+            self.double_run,
+            self.attempts,
+            self.max_attempt,
+            if extra.is_empty() { "" } else { " " },
+        );
     }
 }

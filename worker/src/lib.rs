@@ -48,6 +48,8 @@ const BACKEND_CACHE_TTL: Duration = Duration::from_secs(3);
 /// How long a job for a backend held `down` waits before it is looked at again. The relay
 /// does not publish it while the backend stays down, so this is a floor, not a poll.
 const DOWN_BACKEND_DEFER: Duration = Duration::from_secs(5);
+/// Shortest wait of a job whose backend refused the connection.
+const MIN_UNREACHABLE_DEFER: Duration = Duration::from_millis(250);
 /// Longest pause between lease extensions (they also carry cancel requests).
 const MAX_LEASE_TICK: Duration = Duration::from_secs(5);
 
@@ -277,7 +279,7 @@ async fn run_job(ctx: &Ctx, job_id: Uuid) -> Disposition {
     let job = match db::claim_job(&ctx.pool, job_id, ctx.id, lease).await {
         Ok(Some(job)) => job,
         Ok(None) => {
-            tracing::debug!(job_id = %job_id, "duplicate or stale delivery dropped");
+            tracing::info!(job_id = %job_id, "delivery for a job that is not queued (duplicate or stale); dropped");
             return Disposition::Ack;
         }
         Err(e) => {
@@ -340,6 +342,19 @@ async fn run_job(ctx: &Ctx, job_id: Uuid) -> Disposition {
         Ok(()) => {
             tracing::info!(job_id = %job.id, op = %job.op, cid = %job.cid, elapsed_ms, "job succeeded");
             Outcome::Succeeded
+        }
+        Err(e) if e.is_unreachable() => {
+            // No connection: the backend never saw the request, so the attempt is not
+            // spent. The job waits a short, jittered while and comes back; once the health
+            // checks mark the backend down, the relay holds it until the backend is back.
+            let policy = job.retry_policy();
+            let delay = policy
+                .delay(job.attempt.max(1) as u32, &mut rand::rng())
+                .clamp(MIN_UNREACHABLE_DEFER, DOWN_BACKEND_DEFER);
+            tracing::warn!(job_id = %job.id, error = %e, retry_in_ms = delay.as_millis() as u64, "backend unreachable; job deferred without spending an attempt");
+            Outcome::Deferred {
+                run_at: Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default(),
+            }
         }
         Err(e) => {
             let policy = job.retry_policy();
