@@ -30,7 +30,10 @@ pub(crate) fn require_admin(caller: &Caller) -> ApiResult<()> {
     if caller.admin {
         Ok(())
     } else {
-        Err(ApiError::NotFound("no such route for this token".into()))
+        Err(ApiError::Forbidden(
+            "this route needs an admin token; user tokens see only their own pins, batches and jobs"
+                .into(),
+        ))
     }
 }
 

@@ -4,12 +4,19 @@
 //! and then publishes their messages; it never talks to an IPFS backend.
 
 mod auth;
+mod backend_admin;
 mod backends;
 mod batches;
 mod error;
 mod health;
+mod joblist;
 mod jobs;
+mod openapi;
+mod pinindex;
+mod pins;
 mod schedules;
+mod stats;
+mod tokens;
 mod workers;
 
 use std::net::SocketAddr;
@@ -55,6 +62,15 @@ pub struct AppState {
     pub max_batch_ops: usize,
     /// Background publishes still under way; drained on shutdown.
     pub dispatches: TaskTracker,
+    /// Pinning Service API settings (placement, priority, swarm port).
+    pub psa: Arc<pins::PsaConfig>,
+    /// Backend peer ids for PSA `delegates`, cached.
+    pub peers: Arc<pins::PeerCache>,
+    /// HTTP client for the few backend calls the API makes (`id` for delegates, best-effort
+    /// `swarm/connect` to PSA origins).
+    pub http: reqwest::Client,
+    /// `/openapi.json`, built once.
+    pub openapi: Arc<serde_json::Value>,
 }
 
 /// A bound, not yet serving, API server.
@@ -88,6 +104,7 @@ impl Server {
         let publisher = Arc::new(Publisher::new(
             &args.services.amqp_url,
             &args.services.queue,
+            args.services.message_jobs,
         ));
         let state = AppState {
             pool,
@@ -96,6 +113,22 @@ impl Server {
             default_retry,
             max_batch_ops: args.api.max_batch_ops,
             dispatches: TaskTracker::new(),
+            psa: Arc::new(pins::PsaConfig {
+                backends: args
+                    .api
+                    .psa
+                    .psa_backends
+                    .iter()
+                    .map(|b| b.trim().to_owned())
+                    .filter(|b| !b.is_empty())
+                    .collect(),
+                priority: pinq_core::model::Priority::new(i64::from(args.api.psa.psa_priority))
+                    .context("invalid PINQ_PSA_PRIORITY")?,
+                swarm_port: args.api.psa.psa_swarm_port,
+            }),
+            peers: Arc::new(pins::PeerCache::default()),
+            http: pinq_core::kubo::KuboClient::http_client(),
+            openapi: Arc::new(openapi::document().context("failed to build the OpenAPI document")?),
         };
         let router = router(
             state.clone(),
@@ -168,14 +201,38 @@ fn router(state: AppState, max_body_bytes: usize, request_timeout: Duration) -> 
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/retry", post(jobs::retry))
         .route("/v1/workers", get(workers::list))
+        .route("/v1/stats", get(stats::get))
+        .route("/v1/jobs", get(joblist::list))
+        .route("/v1/pin-index", get(pinindex::list))
+        .route(
+            "/v1/backends/{name}",
+            axum::routing::delete(backend_admin::delete),
+        )
+        .route("/v1/backends/{name}/check", post(backend_admin::check))
+        .route("/v1/tokens", post(tokens::create).get(tokens::list))
+        .route("/v1/tokens/{id}", axum::routing::delete(tokens::revoke))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,
         ));
+    // The Pinning Service API: its own error shape, including for 401.
+    let psa = Router::new()
+        .route("/pins", get(pins::list).post(pins::add))
+        .route(
+            "/pins/{requestid}",
+            get(pins::get).post(pins::replace).delete(pins::remove),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token_psa,
+        ));
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route("/openapi.json", get(openapi::openapi_json))
+        .route("/docs", get(openapi::docs))
         .merge(authed)
+        .merge(psa)
         .fallback(health::not_found)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(TimeoutLayer::with_status_code(

@@ -3,14 +3,44 @@
 //! code.
 //!
 //! Subcommands live in their own modules: [`migrate`] prepares the database, [`up`]
-//! launches and supervises the API, the workers and the scheduler on one machine.
+//! launches and supervises the API, the workers and the scheduler on one machine, and
+//! [`commands`] wires the API clients (`status`, `batch`, `jobs`, `pins`, `backends`,
+//! `workers`, `schedules`, `bench`, `monitor`) and `completions`.
 
+pub mod batch;
+pub mod bench;
+pub mod client;
+pub mod commands;
+pub mod completions;
+pub mod jobs;
 pub mod migrate;
+pub mod monitor;
+pub mod output;
+pub mod pins;
+pub mod resources;
+pub mod status;
+pub mod tokens;
 pub mod up;
 
 use std::process::ExitCode;
 
 use pinq_core::config::{LogArgs, ServiceArgs};
+
+const AFTER_HELP: &str = "\
+Start here: `pinq up --help`, then `pinq status`.
+
+Commands other than up, migrate and tokens talk to the API: set --api-url / PINQ_API_URL
+(default http://127.0.0.1:8080) and --token / PINQ_TOKEN (default $PINQ_ADMIN_TOKEN).
+Read commands print tables; add --output json for scripts.
+
+Exit codes:
+  0  success
+  1  failure: a batch or bench had failed jobs, the API answered 404/409/5xx, or
+     another runtime error
+  2  usage or bad input: a wrong flag, an unreadable or invalid input file, or a
+     request the API rejected (400, 413, 415)
+  3  the API is unreachable (connection refused, timeout, 503)
+  4  the API refused the token (401, 403), or no token is set";
 
 /// The `pinq` command line.
 #[derive(Debug, clap::Parser)]
@@ -22,7 +52,7 @@ use pinq_core::config::{LogArgs, ServiceArgs};
         `pinq migrate` prepares the database; `pinq up` runs the whole system (API, \
         workers, scheduler) on this machine. Every flag can also be set through the \
         environment variable shown in its help.",
-    after_help = "Start here: `pinq up --help`."
+    after_help = AFTER_HELP
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -35,6 +65,10 @@ pub enum Command {
     Migrate(MigrateArgs),
     /// Run the API, workers and scheduler here, restarting any that crash.
     Up(up::UpArgs),
+    /// Create, list and revoke API tokens (directly in the database).
+    Tokens(tokens::TokensArgs),
+    #[command(flatten)]
+    Ops(commands::Ops),
 }
 
 /// Settings of `pinq migrate`.
@@ -76,6 +110,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             pinq_core::telemetry::init(&args.log);
             up::run(args).await
         }
+        Command::Ops(ops) => commands::run(ops).await,
+        Command::Tokens(args) => tokens::run(args).await,
     }
 }
 
@@ -100,9 +136,12 @@ pub fn one_line(e: &anyhow::Error) -> String {
     parts.join(": ")
 }
 
-/// 2 for bad input anywhere in the chain, 1 for everything else.
+/// 2 for bad input anywhere in the chain, the API client's own codes (see
+/// [`client::ClientError::exit_code`]), 1 for everything else.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
-    if e.chain().any(|c| c.is::<UsageError>()) {
+    if let Some(code) = client::exit_code_of(e) {
+        code
+    } else if e.chain().any(|c| c.is::<UsageError>()) {
         2
     } else {
         1

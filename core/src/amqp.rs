@@ -36,8 +36,38 @@ pub struct JobMessage {
 impl JobMessage {
     /// The encoded body of a message for one job.
     pub fn single(id: Uuid) -> Vec<u8> {
-        format!(r#"{{"jobs":["{id}"]}}"#).into_bytes()
+        Self::encode(&[id])
     }
+
+    /// The encoded body of a message for several jobs.
+    pub fn encode(ids: &[Uuid]) -> Vec<u8> {
+        let mut out = String::with_capacity(12 + ids.len() * 39);
+        out.push_str(r#"{"jobs":["#);
+        for (i, id) in ids.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push('"');
+            out.push_str(&id.to_string());
+            out.push('"');
+        }
+        out.push_str("]}");
+        out.into_bytes()
+    }
+}
+
+/// Groups jobs into messages: consecutive jobs of one priority share a message of at most
+/// `per_message` ids. Order is kept, so a batch's jobs are dispatched in submission order.
+pub fn group_messages(jobs: &[(Uuid, Priority)], per_message: usize) -> Vec<(Priority, Vec<Uuid>)> {
+    let per_message = per_message.max(1);
+    let mut out: Vec<(Priority, Vec<Uuid>)> = Vec::new();
+    for (id, priority) in jobs {
+        match out.last_mut() {
+            Some((p, ids)) if p == priority && ids.len() < per_message => ids.push(*id),
+            _ => out.push((*priority, vec![*id])),
+        }
+    }
+    out
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -130,14 +160,17 @@ struct Link {
 pub struct Publisher {
     url: String,
     queue: String,
+    message_jobs: usize,
     link: Mutex<Option<Link>>,
 }
 
 impl Publisher {
-    pub fn new(url: &str, queue: &str) -> Self {
+    /// A publisher to `queue` whose messages carry at most `message_jobs` job ids.
+    pub fn new(url: &str, queue: &str, message_jobs: u16) -> Self {
         Publisher {
             url: url.to_owned(),
             queue: queue.to_owned(),
+            message_jobs: usize::from(message_jobs.max(1)),
             link: Mutex::new(None),
         }
     }
@@ -169,8 +202,20 @@ impl Publisher {
         Ok(())
     }
 
-    /// Publishes one message per job, pipelined, and waits until the broker confirmed all
-    /// of them. Any failure drops the connection so the next call starts afresh.
+    /// Messages ready in the queue, asked over this publisher's connection (opened if
+    /// needed). The queue always exists here: the publisher declared it on connecting.
+    pub async fn queue_depth(&self) -> Result<u32, AmqpError> {
+        self.ensure_connected().await?;
+        let guard = self.link.lock().await;
+        let Some(link) = guard.as_ref() else {
+            return Err(AmqpError::ConnectTimeout(CONNECT_TIMEOUT));
+        };
+        queue_depth(&link.channel, &self.queue).await
+    }
+
+    /// Publishes the jobs (grouped into messages by priority), pipelined, and waits until
+    /// the broker confirmed every message. Any failure drops the connection so the next
+    /// call starts afresh.
     pub async fn publish_jobs(&self, jobs: &[(Uuid, Priority)]) -> Result<(), AmqpError> {
         if jobs.is_empty() {
             return Ok(());
@@ -188,7 +233,7 @@ impl Publisher {
         };
         let result = tokio::time::timeout(
             CONFIRM_TIMEOUT,
-            publish_all(&link.channel, &self.queue, jobs),
+            publish_all(&link.channel, &self.queue, jobs, self.message_jobs),
         )
         .await;
         let result = match result {
@@ -216,16 +261,18 @@ async fn publish_all(
     channel: &Channel,
     queue: &str,
     jobs: &[(Uuid, Priority)],
+    message_jobs: usize,
 ) -> Result<(), AmqpError> {
     let routing_key = ShortString::from(queue);
-    let mut confirms = Vec::with_capacity(jobs.len());
-    for (id, priority) in jobs {
-        let body = JobMessage::single(*id);
+    let messages = group_messages(jobs, message_jobs);
+    let mut confirms = Vec::with_capacity(messages.len());
+    for (priority, ids) in messages {
+        let body = JobMessage::encode(&ids);
         let props = BasicProperties::default()
             .with_delivery_mode(2)
             .with_priority(priority.get())
             .with_content_type("application/json".into())
-            .with_message_id(id.to_string().into());
+            .with_message_id(ids[0].to_string().into());
         let confirm = channel
             .basic_publish(
                 ShortString::from(""),
@@ -258,5 +305,28 @@ mod tests {
         assert_eq!(s, r#"{"jobs":["00000000-0000-0000-0000-000000000000"]}"#);
         assert_eq!(serde_json::from_str::<JobMessage>(&s).unwrap(), m);
         assert_eq!(JobMessage::single(Uuid::nil()), s.into_bytes());
+        let two = JobMessage::encode(&[Uuid::nil(), Uuid::max()]);
+        let back: JobMessage = serde_json::from_slice(&two).unwrap();
+        assert_eq!(back.jobs, vec![Uuid::nil(), Uuid::max()]);
+    }
+
+    #[test]
+    fn groups_by_priority_and_size() {
+        let p = |n| Priority::new(n).unwrap();
+        let ids: Vec<Uuid> = (0..7).map(|_| Uuid::new_v4()).collect();
+        let jobs = vec![
+            (ids[0], p(5)),
+            (ids[1], p(5)),
+            (ids[2], p(5)),
+            (ids[3], p(9)),
+            (ids[4], p(5)),
+            (ids[5], p(5)),
+            (ids[6], p(5)),
+        ];
+        let groups = group_messages(&jobs, 2);
+        let shape: Vec<(u8, usize)> = groups.iter().map(|(p, ids)| (p.get(), ids.len())).collect();
+        assert_eq!(shape, vec![(5, 2), (5, 1), (9, 1), (5, 2), (5, 1)]);
+        let flat: Vec<Uuid> = groups.into_iter().flat_map(|(_, ids)| ids).collect();
+        assert_eq!(flat, ids, "order is kept");
     }
 }

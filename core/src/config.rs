@@ -30,6 +30,10 @@ pub struct ServiceArgs {
     /// Name of the durable priority queue that carries job messages.
     #[arg(long, env = "PINQ_QUEUE", default_value = "pinq.jobs")]
     pub queue: String,
+    /// Most job ids one message carries (jobs of one priority published together share
+    /// messages; a worker claims a message's jobs in one statement).
+    #[arg(long, env = "PINQ_MESSAGE_JOBS", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub message_jobs: u16,
 }
 
 /// Logging.
@@ -89,6 +93,30 @@ pub struct ApiArgs {
     /// Longest a request may take before the server answers 503.
     #[arg(long, env = "PINQ_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
     pub request_timeout_secs: u64,
+    /// The Pinning Service API's settings.
+    #[command(flatten)]
+    pub psa: PsaArgs,
+}
+
+/// The Pinning Service API (`/pins`): where its pins go and how they run.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PsaArgs {
+    /// Backends every `/pins` request is placed on, by name, comma-separated. Empty: every
+    /// backend enabled when the request arrives.
+    #[arg(
+        long,
+        env = "PINQ_PSA_BACKENDS",
+        value_delimiter = ',',
+        default_value = ""
+    )]
+    pub psa_backends: Vec<String>,
+    /// Priority (0-9) of the jobs behind `/pins` requests.
+    #[arg(long, env = "PINQ_PSA_PRIORITY", default_value_t = 5)]
+    pub psa_priority: u8,
+    /// TCP port of the backends' libp2p swarm, used to build `delegates` multiaddrs
+    /// (`/ip4/<backend host>/tcp/<port>/p2p/<peer id>`) when a node reports no address.
+    #[arg(long, env = "PINQ_PSA_SWARM_PORT", default_value_t = 4001)]
+    pub psa_swarm_port: u16,
 }
 
 /// The worker's settings.
@@ -97,8 +125,10 @@ pub struct WorkerArgs {
     /// Jobs one worker process runs at once.
     #[arg(long, env = "PINQ_WORKER_CONCURRENCY", default_value_t = 32)]
     pub concurrency: usize,
-    /// Unacknowledged messages the broker may hand this worker (0: same as concurrency).
-    /// Kept small so that message priority can still reorder what waits in the broker.
+    /// Unacknowledged messages the broker may hand this worker (0: twice the messages
+    /// needed to fill the concurrency, at least 4). Kept small so that message priority
+    /// can still reorder what waits in the broker; a message is acknowledged as soon as
+    /// its jobs are claimed, so a small prefetch does not limit concurrency.
     #[arg(long, env = "PINQ_WORKER_PREFETCH", default_value_t = 0)]
     pub prefetch: u16,
     /// Lease a worker holds on a running job; extended while the job runs.
@@ -116,9 +146,11 @@ pub struct WorkerArgs {
 }
 
 impl WorkerArgs {
-    pub fn effective_prefetch(&self) -> u16 {
+    pub fn effective_prefetch(&self, message_jobs: u16) -> u16 {
         if self.prefetch == 0 {
-            u16::try_from(self.concurrency.max(1)).unwrap_or(u16::MAX)
+            let per_message = usize::from(message_jobs.max(1));
+            let fill = self.concurrency.max(1).div_ceil(per_message);
+            u16::try_from((fill * 2).max(4)).unwrap_or(u16::MAX)
         } else {
             self.prefetch
         }

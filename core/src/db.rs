@@ -302,7 +302,9 @@ pub async fn insert_batch(pool: &PgPool, batch: &NewBatch) -> Result<Stored, sql
 pub async fn mark_dispatched(pool: &PgPool, ids: &[Uuid]) -> Result<u64, sqlx::Error> {
     let r = sqlx::query(
         "UPDATE jobs SET dispatched_at = now()
-         WHERE id = ANY($1) AND state = 'queued' AND dispatched_at IS NULL",
+         WHERE id IN (SELECT id FROM jobs
+                      WHERE id = ANY($1) AND state = 'queued' AND dispatched_at IS NULL
+                      ORDER BY id FOR UPDATE)",
     )
     .bind(ids)
     .execute(pool)
@@ -343,34 +345,43 @@ impl ClaimedJob {
     }
 }
 
-/// Atomically moves a queued job to running under this worker's lease, bumps its attempt
-/// and opens the attempt's record. `None` means the job is not claimable (already running,
-/// finished, cancelled, or unknown): the delivery was a duplicate.
-pub async fn claim_job(
+/// Atomically moves queued jobs to running under this worker's lease, bumps their
+/// attempt and opens each attempt's record, in one statement. Jobs that are not claimable
+/// (already running, finished, cancelled or unknown) are left out: their delivery was a
+/// duplicate. The claim waits for row locks rather than skipping locked rows: the API and
+/// the relay briefly lock queued jobs to record their dispatch, and skipping those would
+/// drop a good delivery. Rows are locked in id order, as every multi-row writer here
+/// does, so claims of overlapping messages queue behind each other instead of
+/// deadlocking.
+pub async fn claim_jobs(
     pool: &PgPool,
-    job_id: Uuid,
+    job_ids: &[Uuid],
     worker_id: Uuid,
     lease: Duration,
-) -> Result<Option<ClaimedJob>, sqlx::Error> {
+) -> Result<Vec<ClaimedJob>, sqlx::Error> {
     sqlx::query_as(
-        "WITH c AS (
-             UPDATE jobs
-             SET state = 'running', attempt = attempt + 1, lease_owner = $2,
+        "WITH target AS (
+             SELECT id FROM jobs WHERE id = ANY($1) AND state = 'queued'
+             ORDER BY id FOR UPDATE
+         ), c AS (
+             UPDATE jobs j
+             SET state = 'running', attempt = j.attempt + 1, lease_owner = $2,
                  lease_until = now() + make_interval(secs => $3), started_at = now(),
-                 updated_at = now(), dispatched_at = coalesce(dispatched_at, now())
-             WHERE id = $1 AND state = 'queued'
-             RETURNING id, batch_id, backend_id, owner, op, cid, replaces_cid, name, priority,
-                       attempt, max_attempts, backoff_base_ms, backoff_factor, backoff_max_ms
+                 updated_at = now(), dispatched_at = coalesce(j.dispatched_at, now())
+             FROM target WHERE j.id = target.id
+             RETURNING j.id, j.batch_id, j.backend_id, j.owner, j.op, j.cid, j.replaces_cid,
+                       j.name, j.priority, j.attempt, j.max_attempts, j.backoff_base_ms,
+                       j.backoff_factor, j.backoff_max_ms
          ), a AS (
              INSERT INTO job_attempts (job_id, attempt, worker_id)
              SELECT id, attempt, $2 FROM c
          )
          SELECT * FROM c",
     )
-    .bind(job_id)
+    .bind(job_ids)
     .bind(worker_id)
     .bind(lease.as_secs_f64())
-    .fetch_optional(pool)
+    .fetch_all(pool)
     .await
 }
 
@@ -385,30 +396,48 @@ pub enum LeaseStatus {
     Lost,
 }
 
-/// Extends the lease of a job this worker still holds.
-pub async fn extend_lease(
+/// Extends the leases of jobs this worker still holds (given as `(id, attempt)`), in one
+/// statement. Returns each job's status; a job missing from the answer is
+/// [`LeaseStatus::Lost`].
+pub async fn extend_leases(
     pool: &PgPool,
-    job_id: Uuid,
+    jobs: &[(Uuid, i32)],
     worker_id: Uuid,
-    attempt: i32,
     lease: Duration,
-) -> Result<LeaseStatus, sqlx::Error> {
-    let row: Option<(bool,)> = sqlx::query_as(
-        "UPDATE jobs SET lease_until = now() + make_interval(secs => $4)
-         WHERE id = $1 AND lease_owner = $2 AND attempt = $3 AND state = 'running'
-         RETURNING cancel_requested",
+) -> Result<Vec<(Uuid, LeaseStatus)>, sqlx::Error> {
+    let (ids, attempts): (Vec<Uuid>, Vec<i32>) = jobs.iter().copied().unzip();
+    let held: Vec<(Uuid, bool)> = sqlx::query_as(
+        // Rows are locked in id order first, like every multi-row writer of jobs, so this
+        // never deadlocks with the completer writing outcomes for the same jobs.
+        "WITH locked AS (
+             SELECT j.id FROM jobs j
+             JOIN UNNEST($1::uuid[], $2::int4[]) AS t(id, attempt)
+               ON j.id = t.id AND j.attempt = t.attempt
+             WHERE j.lease_owner = $3 AND j.state = 'running'
+             ORDER BY j.id FOR UPDATE
+         )
+         UPDATE jobs j SET lease_until = now() + make_interval(secs => $4)
+         FROM locked WHERE j.id = locked.id
+         RETURNING j.id, j.cancel_requested",
     )
-    .bind(job_id)
+    .bind(&ids)
+    .bind(&attempts)
     .bind(worker_id)
-    .bind(attempt)
     .bind(lease.as_secs_f64())
-    .fetch_optional(pool)
+    .fetch_all(pool)
     .await?;
-    Ok(match row {
-        None => LeaseStatus::Lost,
-        Some((true,)) => LeaseStatus::CancelRequested,
-        Some((false,)) => LeaseStatus::Held,
-    })
+    let held: std::collections::HashMap<Uuid, bool> = held.into_iter().collect();
+    Ok(ids
+        .into_iter()
+        .map(|id| {
+            let status = match held.get(&id) {
+                None => LeaseStatus::Lost,
+                Some(true) => LeaseStatus::CancelRequested,
+                Some(false) => LeaseStatus::Held,
+            };
+            (id, status)
+        })
+        .collect())
 }
 
 /// How an attempt ended, as the worker reports it.
@@ -469,7 +498,9 @@ pub async fn finish_job(
              attempt = CASE WHEN $7 THEN attempt - 1 ELSE attempt END,
              last_error = CASE WHEN next.state = 'succeeded' THEN NULL ELSE coalesce($5, last_error) END,
              run_at = coalesce($6, run_at),
-             dispatched_at = CASE WHEN next.state = 'retry_wait' THEN NULL ELSE dispatched_at END,
+             -- Messages are acknowledged once their jobs are claimed, so a job that goes
+             -- back to waiting needs a new one: the relay publishes it.
+             dispatched_at = CASE WHEN next.state IN ('retry_wait', 'queued') THEN NULL ELSE dispatched_at END,
              finished_at = CASE WHEN next.state IN ('succeeded', 'failed', 'cancelled') THEN now() ELSE NULL END
          FROM next
          WHERE id = $1 AND lease_owner = $2 AND attempt = $3 AND jobs.state = 'running'",
@@ -512,6 +543,134 @@ pub async fn finish_job(
     Ok(true)
 }
 
+/// Records many successful attempts at once (one transaction, a few statements whatever
+/// their number), fenced like [`finish_job`]. Returns the ids that were written; the
+/// others had lost their lease. The pin index is updated in the same transaction.
+pub async fn finish_succeeded(
+    pool: &PgPool,
+    jobs: &[&ClaimedJob],
+    worker_id: Uuid,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    if jobs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<Uuid> = jobs.iter().map(|j| j.id).collect();
+    let attempts: Vec<i32> = jobs.iter().map(|j| j.attempt).collect();
+    let mut tx = pool.begin().await?;
+    let written: Vec<(Uuid,)> = sqlx::query_as(
+        // Locked in id order first (see `claim_jobs`), so it never deadlocks with the
+        // lease keeper extending the same jobs.
+        "WITH locked AS (
+             SELECT j.id FROM jobs j
+             JOIN UNNEST($1::uuid[], $2::int4[]) AS t(id, attempt)
+               ON j.id = t.id AND j.attempt = t.attempt
+             WHERE j.lease_owner = $3 AND j.state = 'running'
+             ORDER BY j.id FOR UPDATE
+         ), done AS (
+             UPDATE jobs j
+             SET state = 'succeeded', lease_owner = NULL, lease_until = NULL, last_error = NULL,
+                 finished_at = now(), updated_at = now()
+             FROM locked WHERE j.id = locked.id
+             RETURNING j.id, j.attempt
+         ), a AS (
+             UPDATE job_attempts a SET finished_at = now(), outcome = 'succeeded'
+             FROM done WHERE a.job_id = done.id AND a.attempt = done.attempt
+         )
+         SELECT id FROM done",
+    )
+    .bind(&ids)
+    .bind(&attempts)
+    .bind(worker_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    let written: std::collections::HashSet<Uuid> = written.into_iter().map(|(id,)| id).collect();
+    let done: Vec<&ClaimedJob> = jobs
+        .iter()
+        .copied()
+        .filter(|j| written.contains(&j.id))
+        .collect();
+    update_pin_index_bulk(&mut tx, &done).await?;
+    tx.commit().await?;
+    Ok(done.iter().map(|j| j.id).collect())
+}
+
+/// The pin-index changes of many successful jobs: upserts for what they pinned, deletes
+/// for what they unpinned. If two of them touch the same pin, they are applied one by one
+/// in order instead, so the last one wins as it would have alone.
+async fn update_pin_index_bulk(
+    conn: &mut PgConnection,
+    jobs: &[&ClaimedJob],
+) -> Result<(), sqlx::Error> {
+    let key = |cid: &str| canonical_of(cid).unwrap_or_else(|| cid.to_owned());
+    let mut seen = std::collections::HashSet::new();
+    let mut upserts: Vec<(&ClaimedJob, String)> = Vec::new();
+    let mut deletes: Vec<(Uuid, String)> = Vec::new();
+    let mut conflict = false;
+    for job in jobs {
+        let op: Op = job.op.parse().unwrap_or(Op::Pin);
+        if matches!(op, Op::Pin | Op::Replace) {
+            let k = key(&job.cid);
+            conflict |= !seen.insert((job.backend_id, k.clone()));
+            upserts.push((job, k));
+        }
+        let removed = match op {
+            Op::Unpin => Some(job.cid.as_str()),
+            Op::Replace => job.replaces_cid.as_deref().filter(|old| *old != job.cid),
+            Op::Pin => None,
+        };
+        if let Some(cid) = removed {
+            let k = key(cid);
+            conflict |= !seen.insert((job.backend_id, k.clone()));
+            deletes.push((job.backend_id, k));
+        }
+    }
+    if conflict {
+        for job in jobs {
+            update_pin_index(conn, job).await?;
+        }
+        return Ok(());
+    }
+    // Sorted, so that two workers recording overlapping pins lock them in the same order.
+    upserts.sort_by(|a, b| (a.0.backend_id, &a.1).cmp(&(b.0.backend_id, &b.1)));
+    deletes.sort();
+    if !upserts.is_empty() {
+        let backend_ids: Vec<Uuid> = upserts.iter().map(|(j, _)| j.backend_id).collect();
+        let cids: Vec<String> = upserts.iter().map(|(_, k)| k.clone()).collect();
+        let owners: Vec<String> = upserts.iter().map(|(j, _)| j.owner.clone()).collect();
+        let names: Vec<Option<String>> = upserts.iter().map(|(j, _)| j.name.clone()).collect();
+        let job_ids: Vec<Uuid> = upserts.iter().map(|(j, _)| j.id).collect();
+        sqlx::query(
+            "INSERT INTO pins (backend_id, cid, owner, name, job_id, status, pinned_at, verified_at)
+             SELECT t.backend_id, t.cid, t.owner, t.name, t.job_id, 'pinned', now(), now()
+             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::uuid[])
+                  AS t(backend_id, cid, owner, name, job_id)
+             ON CONFLICT (backend_id, cid) DO UPDATE
+             SET owner = EXCLUDED.owner, name = EXCLUDED.name, job_id = EXCLUDED.job_id,
+                 status = 'pinned', verified_at = now(), updated_at = now(),
+                 pinned_at = CASE WHEN pins.status = 'pinned' THEN pins.pinned_at ELSE now() END",
+        )
+        .bind(&backend_ids)
+        .bind(&cids)
+        .bind(&owners)
+        .bind(&names)
+        .bind(&job_ids)
+        .execute(&mut *conn)
+        .await?;
+    }
+    if !deletes.is_empty() {
+        let (backend_ids, cids): (Vec<Uuid>, Vec<String>) = deletes.into_iter().unzip();
+        sqlx::query(
+            "DELETE FROM pins p USING UNNEST($1::uuid[], $2::text[]) AS t(backend_id, cid)
+             WHERE p.backend_id = t.backend_id AND p.cid = t.cid",
+        )
+        .bind(&backend_ids)
+        .bind(&cids)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
 async fn update_pin_index(conn: &mut PgConnection, job: &ClaimedJob) -> Result<(), sqlx::Error> {
     let pin = |cid: &str| canonical_of(cid).unwrap_or_else(|| cid.to_owned());
     let op: Op = job.op.parse().unwrap_or(Op::Pin);
@@ -534,7 +693,7 @@ async fn update_pin_index(conn: &mut PgConnection, job: &ClaimedJob) -> Result<(
     }
     let removed = match op {
         Op::Unpin => Some(job.cid.as_str()),
-        Op::Replace => job.replaces_cid.as_deref(),
+        Op::Replace => job.replaces_cid.as_deref().filter(|old| *old != job.cid),
         Op::Pin => None,
     };
     if let Some(cid) = removed {

@@ -9,12 +9,14 @@
 //! backends.
 
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{FromRow, PgPool};
 use uuid::Uuid;
+
+use crate::kubo::KuboClient;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -298,6 +300,40 @@ pub async fn probes(
     .bind(limit)
     .fetch_all(pool)
     .await
+}
+
+/// Probes a Kubo backend: `id`, `version` and `repo/stat`, all within `timeout`. Used by
+/// the scheduler's `health-check` task and by the API's "check now". Record the result
+/// with [`record_probe`].
+pub async fn probe_kubo(http: reqwest::Client, url: &str, timeout: Duration) -> ProbeRecord {
+    let client = KuboClient::new(http, url);
+    let started = Instant::now();
+    let calls = async { tokio::try_join!(client.id(), client.version(), client.repo_stat()) };
+    let result = tokio::time::timeout(timeout, calls).await;
+    let latency_ms = i32::try_from(started.elapsed().as_millis()).unwrap_or(i32::MAX);
+    match result {
+        Ok(Ok((id, version, stat))) => ProbeRecord {
+            ok: true,
+            latency_ms,
+            error: None,
+            peer_id: Some(id.id),
+            node_version: Some(version),
+            repo_size: i64::try_from(stat.repo_size).ok(),
+            num_objects: i64::try_from(stat.num_objects).ok(),
+        },
+        Ok(Err(e)) => ProbeRecord {
+            ok: false,
+            latency_ms,
+            error: Some(e.to_string()),
+            ..ProbeRecord::default()
+        },
+        Err(_) => ProbeRecord {
+            ok: false,
+            latency_ms,
+            error: Some(format!("probe timed out after {} ms", timeout.as_millis())),
+            ..ProbeRecord::default()
+        },
+    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! The binaries must be built first (`cargo build --workspace --bins`, which the test
 //! command in the README does).
 
+pub mod kubo_double;
 pub mod private;
 
 use std::collections::HashSet;
@@ -755,8 +756,11 @@ impl Drop for Stack {
                 let _ = conn.close(200, "bye".into()).await;
             }
         });
-        if !std::thread::panicking() {
+        // PINQ_E2E_KEEP_LOGS=1 keeps every test's folder (logs, IPFS repository).
+        if !std::thread::panicking() && std::env::var_os("PINQ_E2E_KEEP_LOGS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("stack logs kept in {}", self.dir.display());
         }
     }
 }

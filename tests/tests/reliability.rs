@@ -423,6 +423,10 @@ async fn sigterm_stops_a_loaded_worker_within_its_grace_and_strands_no_job() -> 
         .fetch_one(&stack.db.pool)
         .await?;
     assert_eq!(state, "stopped");
+    // The five stuck pins were running when the grace period ended: handed back, not
+    // abandoned. (They also prove slow pins do not stop a worker claiming other work: the
+    // batch progressed beside them.)
+    assert_eq!(released, 5, "the stuck pins were handed back");
 
     // A new worker finishes the rest: the handed-back stuck pins time out and fail
     // (one attempt each, as their batch asked), everything else succeeds.

@@ -1,10 +1,15 @@
-//! pinq-worker: consumes job messages, claims each job with a fenced UPDATE, runs it on
-//! its backend, records the outcome, and only then acknowledges the message.
+//! pinq-worker: consumes job messages, claims their jobs with a fenced UPDATE, runs them
+//! on their backends, and records the outcomes.
 //!
-//! Only this crate acknowledges deliveries. A delivery whose job cannot be claimed (already
-//! running, finished, or unknown) is a duplicate and is acknowledged and dropped. While a
-//! job runs, its lease is extended; if the lease is lost, the job's result is discarded.
-
+//! Only this crate acknowledges deliveries. A message names up to `PINQ_MESSAGE_JOBS` jobs;
+//! the worker waits for free capacity, claims them in one statement, and acknowledges the
+//! message as soon as the claim has committed: from then on the job's lease, not the
+//! message, guards it (a worker that dies leaves leases that expire, and the relay
+//! publishes those jobs again). Jobs that cannot be claimed (already running, finished,
+//! or unknown) were duplicate deliveries and are dropped. Successful outcomes are written
+//! in groups by one completer task: whatever finished while the previous group was being
+//! written goes in the next, so a busy worker commits many jobs per transaction and an
+//! idle one commits at once.
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,7 +27,7 @@ use pinq_core::db::{self, Backend, ClaimedJob, LeaseStatus, Outcome};
 use pinq_core::kubo::{BackendError, KuboClient};
 use pinq_core::model::Op;
 use sqlx::PgPool;
-use tokio::sync::{RwLock, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, RwLock, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
@@ -53,6 +58,9 @@ const MIN_UNREACHABLE_DEFER: Duration = Duration::from_millis(250);
 /// Longest pause between lease extensions (they also carry cancel requests).
 const MAX_LEASE_TICK: Duration = Duration::from_secs(5);
 
+/// Most successful jobs written in one transaction.
+const MAX_COMPLETION_GROUP: usize = 1024;
+
 struct Ctx {
     id: Uuid,
     pool: PgPool,
@@ -60,16 +68,23 @@ struct Ctx {
     http: reqwest::Client,
     backends: RwLock<HashMap<Uuid, (tokio::time::Instant, Backend)>>,
     in_flight: AtomicUsize,
+    /// One permit per job that may run at once.
+    permits: Arc<Semaphore>,
+    /// Successful jobs on their way to the completer.
+    completions: mpsc::Sender<Completion>,
     /// Cancelled when the grace period after SIGTERM is over: running jobs are handed back.
     abandon: CancellationToken,
+    /// Every delivery's task and every group of running jobs; drained on shutdown.
+    tasks: TaskTracker,
+    /// Cancelled on SIGTERM: deliveries not claimed yet go back to the queue.
+    stopping: CancellationToken,
 }
 
-/// What to do with a delivery once its jobs were handled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Disposition {
-    Ack,
-    /// Put the message back (the job was handed back, or the database was unreachable).
-    Requeue,
+/// A successful job for the completer to record; `written` says whether the lease was
+/// still this worker's when it did.
+struct Completion {
+    job: ClaimedJob,
+    written: oneshot::Sender<bool>,
 }
 
 /// Runs a worker until `shutdown` is cancelled: consumes, then drains in-flight jobs for up
@@ -88,9 +103,16 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     )
     .await
     .context("failed to register the worker")?;
-    tracing::info!(worker_id = %id, concurrency = args.worker.concurrency, prefetch = args.worker.effective_prefetch(), "pinq-worker started");
+    tracing::info!(worker_id = %id, concurrency = args.worker.concurrency, prefetch = args.worker.effective_prefetch(args.services.message_jobs), "pinq-worker started");
     println!("pinq-worker {id} started");
 
+    let (completions, completion_rx) = mpsc::channel(MAX_COMPLETION_GROUP * 4);
+    let completer = tokio::spawn(completer_loop(
+        pool.clone(),
+        id,
+        Duration::from_secs(args.worker.lease_secs.max(3)),
+        completion_rx,
+    ));
     let ctx = Arc::new(Ctx {
         id,
         pool: pool.clone(),
@@ -98,13 +120,16 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         http: KuboClient::http_client(),
         backends: RwLock::new(HashMap::new()),
         in_flight: AtomicUsize::new(0),
+        permits: Arc::new(Semaphore::new(args.worker.concurrency.max(1))),
+        completions,
         abandon: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+        stopping: shutdown.clone(),
     });
     let heartbeat = tokio::spawn(heartbeat_loop(ctx.clone(), shutdown.clone()));
 
-    let tracker = TaskTracker::new();
-    let permits = Arc::new(Semaphore::new(args.worker.concurrency.max(1)));
-    consume(&ctx, &args.services, &shutdown, &tracker, &permits).await;
+    let tracker = ctx.tasks.clone();
+    let broker = consume(&ctx, &args.services, &shutdown).await;
 
     // Drain: finish in-flight jobs within the grace period, then hand back the rest.
     tracker.close();
@@ -124,7 +149,16 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         ctx.abandon.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await;
     }
+    // Closing the connection cleanly flushes the last acknowledgements and requeues
+    // whatever was delivered but not claimed.
+    if let Some(conn) = broker {
+        let _ = conn.close(200, "worker stopped".into()).await;
+    }
     heartbeat.abort();
+    let _ = heartbeat.await;
+    // The last sender goes with the context; the completer then writes what it holds.
+    drop(ctx);
+    let _ = completer.await;
     let _ = db::heartbeat(&pool, id, 0, "stopped").await;
     pool.close().await;
     tracing::info!("pinq-worker stopped");
@@ -162,24 +196,24 @@ fn reconnect_backoff() -> impl Iterator<Item = Duration> {
 }
 
 /// The consume loop, reconnecting to the broker with backoff whenever the connection
-/// drops. Returns when `shutdown` is cancelled, after cancelling the consumer.
+/// drops. Returns when `shutdown` is cancelled, after cancelling the consumer, with the
+/// open connection (the tasks still running need it to settle their deliveries).
 async fn consume(
     ctx: &Arc<Ctx>,
     services: &ServiceArgs,
     shutdown: &CancellationToken,
-    tracker: &TaskTracker,
-    permits: &Arc<Semaphore>,
-) {
+) -> Option<lapin::Connection> {
     let tag = format!("pinq-worker-{}", ctx.id);
+    let prefetch = ctx.args.effective_prefetch(services.message_jobs);
     let mut backoff = reconnect_backoff();
     loop {
         let opened = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = amqp::open_consumer(&services.amqp_url, &services.queue, ctx.args.effective_prefetch(), &tag) => r,
+            _ = shutdown.cancelled() => return None,
+            r = amqp::open_consumer(&services.amqp_url, &services.queue, prefetch, &tag) => r,
         };
         let (conn, channel, mut consumer) = match opened {
             Ok(c) => {
-                tracing::info!(queue = %services.queue, "consuming");
+                tracing::info!(queue = %services.queue, prefetch, "consuming");
                 backoff = reconnect_backoff();
                 c
             }
@@ -187,48 +221,33 @@ async fn consume(
                 let wait = backoff.next().unwrap_or(Duration::from_secs(5));
                 tracing::warn!(error = %e, retry_in = ?wait, "RabbitMQ unreachable");
                 tokio::select! {
-                    _ = shutdown.cancelled() => return,
+                    _ = shutdown.cancelled() => return None,
                     _ = tokio::time::sleep(wait) => continue,
                 }
             }
         };
         loop {
-            // Take a permit before the next delivery so concurrency bounds work in flight
-            // even if the prefetch is set higher.
-            let permit = tokio::select! {
-                _ = shutdown.cancelled() => None,
-                p = permits.clone().acquire_owned() => p.ok(),
-            };
-            let Some(permit) = permit else {
-                // Stop receiving; deliveries not yet handed to us return to the queue when
-                // the channel closes, and in-flight ones are acked or nacked by their tasks.
-                let _ = channel
-                    .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-                    .await;
-                // Keep the connection open while in-flight tasks ack; closed on drop.
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_secs(120)).await;
-                    drop(conn);
-                });
-                return;
-            };
             let next = tokio::select! {
-                _ = shutdown.cancelled() => continue,
-                d = consumer.next() => d,
+                _ = shutdown.cancelled() => None,
+                d = consumer.next() => Some(d),
             };
             match next {
-                Some(Ok(delivery)) => {
-                    let ctx = ctx.clone();
-                    tracker.spawn(async move {
-                        handle_delivery(&ctx, delivery).await;
-                        drop(permit);
-                    });
+                None => {
+                    // Stop receiving. Deliveries already here that were not claimed yet are
+                    // requeued by their tasks.
+                    let _ = channel
+                        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                        .await;
+                    return Some(conn);
                 }
-                Some(Err(e)) => {
+                Some(Some(Ok(delivery))) => {
+                    ctx.tasks.spawn(handle_delivery(ctx.clone(), delivery));
+                }
+                Some(Some(Err(e))) => {
                     tracing::warn!(error = %e, "lost the broker connection; reconnecting");
                     break;
                 }
-                None => {
+                Some(None) => {
                     tracing::warn!("consumer cancelled by the broker; reconnecting");
                     break;
                 }
@@ -237,7 +256,7 @@ async fn consume(
     }
 }
 
-async fn handle_delivery(ctx: &Ctx, delivery: Delivery) {
+async fn handle_delivery(ctx: Arc<Ctx>, delivery: Delivery) {
     let message: JobMessage = match serde_json::from_slice(&delivery.data) {
         Ok(m) => m,
         Err(e) => {
@@ -247,52 +266,120 @@ async fn handle_delivery(ctx: &Ctx, delivery: Delivery) {
             return;
         }
     };
-    let mut disposition = Disposition::Ack;
-    for job_id in message.jobs {
-        ctx.in_flight.fetch_add(1, Ordering::Relaxed);
-        let d = run_job(ctx, job_id).await;
-        ctx.in_flight.fetch_sub(1, Ordering::Relaxed);
-        if d == Disposition::Requeue {
-            disposition = Disposition::Requeue;
+    // Claim only what can start now, so claimed jobs never wait for a slot while their
+    // leases run: wait for one free slot, take whatever other slots are free at this
+    // moment, claim that many of the message's jobs and start them, and repeat until the
+    // whole message is claimed. Slow pins elsewhere never hold a message back for long.
+    let mut rest: &[Uuid] = &message.jobs;
+    while !rest.is_empty() {
+        let permit = tokio::select! {
+            p = ctx.permits.clone().acquire_owned() => p.ok(),
+            _ = ctx.stopping.cancelled() => None,
+        };
+        let Some(mut permit) = permit else {
+            // Stopping: what is not claimed yet goes back to the queue for another worker
+            // (jobs of this message claimed already are dropped there as duplicates).
+            requeue(&delivery).await;
+            return;
+        };
+        while permit.num_permits() < rest.len() {
+            match ctx.permits.clone().try_acquire_owned() {
+                Ok(more) => permit.merge(more),
+                Err(_) => break,
+            }
+        }
+        let (ids, tail) = rest.split_at(permit.num_permits().min(rest.len()));
+        rest = tail;
+        let lease = Duration::from_secs(ctx.args.lease_secs.max(3));
+        let claimed = match db::claim_jobs(&ctx.pool, ids, ctx.id, lease).await {
+            Ok(claimed) => claimed,
+            Err(e) => {
+                tracing::warn!(error = %e, jobs = ids.len(), "could not claim jobs; requeueing the message");
+                drop(permit);
+                // Do not spin on a dead database: slow the redelivery down a little.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                requeue(&delivery).await;
+                return;
+            }
+        };
+        if claimed.len() < ids.len() {
+            tracing::info!(
+                dropped = ids.len() - claimed.len(),
+                "deliveries for jobs that are not queued (duplicate or stale); dropped"
+            );
+            if let Some(unused) = permit.split(ids.len() - claimed.len()) {
+                drop(unused);
+            }
+        }
+        if !claimed.is_empty() {
+            ctx.tasks.spawn(run_group(ctx.clone(), claimed, permit));
         }
     }
-    let result = match disposition {
-        Disposition::Ack => delivery.ack(BasicAckOptions::default()).await,
-        Disposition::Requeue => {
-            delivery
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await
-        }
-    };
-    if let Err(e) = result {
-        // The channel is gone; the broker redelivers the message, and the fenced claim
-        // makes the redelivery a no-op if the job already finished.
-        tracing::debug!(error = %e, "could not settle a delivery");
+    // Every job is claimed: from here on its lease, not the message, keeps it safe. (If a
+    // later part could not be claimed, the message went back to the queue above, and the
+    // parts already claimed are dropped as duplicates when it comes back.)
+    if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+        // A redelivery finds the jobs running and is dropped.
+        tracing::debug!(error = %e, "could not acknowledge a delivery");
     }
 }
 
-async fn run_job(ctx: &Ctx, job_id: Uuid) -> Disposition {
-    let lease = Duration::from_secs(ctx.args.lease_secs.max(3));
-    let job = match db::claim_job(&ctx.pool, job_id, ctx.id, lease).await {
-        Ok(Some(job)) => job,
-        Ok(None) => {
-            tracing::info!(job_id = %job_id, "delivery for a job that is not queued (duplicate or stale); dropped");
-            return Disposition::Ack;
-        }
-        Err(e) => {
-            tracing::warn!(job_id = %job_id, error = %e, "could not claim job; requeueing");
-            // Do not spin on a dead database: slow the redelivery down a little.
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            return Disposition::Requeue;
-        }
+async fn requeue(delivery: &Delivery) {
+    let nack = BasicNackOptions {
+        requeue: true,
+        ..Default::default()
     };
-    let span = tracing::info_span!("job", job_id = %job.id, batch_id = %job.batch_id, op = %job.op, cid = %job.cid, attempt = job.attempt);
-    let _enter = span.enter();
-    drop(_enter);
+    if let Err(e) = delivery.nack(nack).await {
+        // The channel is gone; the broker redelivers the message anyway.
+        tracing::debug!(error = %e, "could not requeue a delivery");
+    }
+}
 
+/// Per-job signals from the lease keeper.
+#[derive(Clone, Default)]
+struct JobSignals {
+    lost: CancellationToken,
+    cancel: CancellationToken,
+}
+
+/// Runs claimed jobs concurrently, each holding one permit, under one lease keeper.
+async fn run_group(ctx: Arc<Ctx>, jobs: Vec<ClaimedJob>, mut permit: OwnedSemaphorePermit) {
+    let lease = Duration::from_secs(ctx.args.lease_secs.max(3));
+    ctx.in_flight.fetch_add(jobs.len(), Ordering::Relaxed);
+    let signals: HashMap<Uuid, JobSignals> =
+        jobs.iter().map(|j| (j.id, JobSignals::default())).collect();
+    let running = Arc::new(std::sync::Mutex::new(
+        jobs.iter()
+            .map(|j| (j.id, j.attempt))
+            .collect::<HashMap<Uuid, i32>>(),
+    ));
+    let keeper = tokio::spawn(keep_leases(
+        ctx.pool.clone(),
+        ctx.id,
+        lease,
+        running.clone(),
+        signals.clone(),
+    ));
+    let mut runs = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let one = permit.split(1);
+        let sig = signals.get(&job.id).cloned().unwrap_or_default();
+        let running = running.clone();
+        let ctx = &ctx;
+        runs.push(async move {
+            run_job(ctx, &job, &sig).await;
+            if let Ok(mut r) = running.lock() {
+                r.remove(&job.id);
+            }
+            ctx.in_flight.fetch_sub(1, Ordering::Relaxed);
+            drop(one);
+        });
+    }
+    futures::future::join_all(runs).await;
+    keeper.abort();
+}
+
+async fn run_job(ctx: &Ctx, job: &ClaimedJob, sig: &JobSignals) {
     // A backend the health checks hold down is not called: the job waits without spending
     // an attempt, and the worker moves on to jobs for healthy backends.
     let backend = match backend(ctx, job.backend_id).await {
@@ -300,48 +387,47 @@ async fn run_job(ctx: &Ctx, job_id: Uuid) -> Disposition {
             tracing::info!(job_id = %job.id, backend = %b.name, "backend is down; job deferred");
             let run_at =
                 Utc::now() + chrono::Duration::from_std(DOWN_BACKEND_DEFER).unwrap_or_default();
-            write_outcome(ctx, &job, &Outcome::Deferred { run_at }).await;
-            return Disposition::Ack;
+            write_outcome(ctx, job, &Outcome::Deferred { run_at }).await;
+            return;
         }
         other => other,
     };
 
-    let lost = CancellationToken::new();
-    let cancel = CancellationToken::new();
-    let keeper = tokio::spawn(keep_lease(
-        ctx.pool.clone(),
-        (job.id, ctx.id, job.attempt),
-        lease,
-        lost.clone(),
-        cancel.clone(),
-    ));
     let started = tokio::time::Instant::now();
     let result = tokio::select! {
-        r = execute(ctx, &job, backend) => Some(r),
-        _ = lost.cancelled() => None,
-        _ = cancel.cancelled() => {
-            keeper.abort();
+        r = execute(ctx, job, backend) => r,
+        _ = sig.lost.cancelled() => {
+            tracing::warn!(job_id = %job.id, "lease lost while running; result discarded");
+            return;
+        }
+        _ = sig.cancel.cancelled() => {
             tracing::info!(job_id = %job.id, "job cancelled while running");
-            write_outcome(ctx, &job, &Outcome::Cancelled).await;
-            return Disposition::Ack;
+            write_outcome(ctx, job, &Outcome::Cancelled).await;
+            return;
         }
         _ = ctx.abandon.cancelled() => {
-            keeper.abort();
             let outcome = Outcome::Released { reason: "worker shut down before the job finished".into() };
-            write_outcome(ctx, &job, &outcome).await;
-            return Disposition::Requeue;
+            write_outcome(ctx, job, &outcome).await;
+            return;
         }
-    };
-    keeper.abort();
-    let Some(result) = result else {
-        tracing::warn!(job_id = %job.id, "lease lost while running; result discarded");
-        return Disposition::Ack;
     };
     let elapsed_ms = started.elapsed().as_millis() as u64;
     let outcome = match result {
         Ok(()) => {
-            tracing::info!(job_id = %job.id, op = %job.op, cid = %job.cid, elapsed_ms, "job succeeded");
-            Outcome::Succeeded
+            tracing::debug!(job_id = %job.id, op = %job.op, cid = %job.cid, elapsed_ms, "job succeeded");
+            let (written, answer) = oneshot::channel();
+            let completion = Completion {
+                job: job.clone(),
+                written,
+            };
+            if ctx.completions.send(completion).await.is_err() {
+                tracing::error!(job_id = %job.id, "completer gone; the lease will expire and the job will run again");
+                return;
+            }
+            if !answer.await.unwrap_or(false) {
+                tracing::warn!(job_id = %job.id, "lease no longer ours; outcome not recorded");
+            }
+            return;
         }
         Err(e) if e.is_unreachable() => {
             // No connection: the backend never saw the request, so the attempt is not
@@ -378,8 +464,48 @@ async fn run_job(ctx: &Ctx, job_id: Uuid) -> Disposition {
             }
         }
     };
-    write_outcome(ctx, &job, &outcome).await;
-    Disposition::Ack
+    write_outcome(ctx, job, &outcome).await;
+}
+
+/// Records successful jobs in groups: it takes whatever is waiting, writes it in one
+/// transaction, and answers each job. Ends when every sender is gone.
+async fn completer_loop(
+    pool: PgPool,
+    worker_id: Uuid,
+    patience: Duration,
+    mut rx: mpsc::Receiver<Completion>,
+) {
+    let mut group: Vec<Completion> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        group.push(first);
+        while group.len() < MAX_COMPLETION_GROUP {
+            match rx.try_recv() {
+                Ok(c) => group.push(c),
+                Err(_) => break,
+            }
+        }
+        let jobs: Vec<&ClaimedJob> = group.iter().map(|c| &c.job).collect();
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut backoff = reconnect_backoff();
+        let written = loop {
+            match db::finish_succeeded(&pool, &jobs, worker_id).await {
+                Ok(ids) => break ids,
+                Err(e) => {
+                    let wait = backoff.next().unwrap_or(Duration::from_secs(5));
+                    if tokio::time::Instant::now() + wait > deadline {
+                        tracing::error!(error = %e, jobs = jobs.len(), "could not record successes; their leases will expire and they will run again");
+                        break Vec::new();
+                    }
+                    tracing::warn!(error = %e, jobs = jobs.len(), "could not record successes; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        };
+        let written: std::collections::HashSet<Uuid> = written.into_iter().collect();
+        for c in group.drain(..) {
+            let _ = c.written.send(written.contains(&c.job.id));
+        }
+    }
 }
 
 /// Writes an outcome, retrying while PostgreSQL is unreachable (up to the lease: after
@@ -407,32 +533,42 @@ async fn write_outcome(ctx: &Ctx, job: &ClaimedJob, outcome: &Outcome) {
     }
 }
 
-/// Extends the lease every third of its length (at most every few seconds, since the
-/// extension also reports cancel requests); cancels `lost` if the lease is gone and
-/// `cancel` if a client cancelled the job.
-async fn keep_lease(
+/// Extends the leases of a group's running jobs every third of the lease (at most every
+/// few seconds, since the extension also reports cancel requests), in one statement, and
+/// signals each job whose lease is gone or whose cancellation was requested.
+async fn keep_leases(
     pool: PgPool,
-    (job_id, worker_id, attempt): (Uuid, Uuid, i32),
+    worker_id: Uuid,
     lease: Duration,
-    lost: CancellationToken,
-    cancel: CancellationToken,
+    running: Arc<std::sync::Mutex<HashMap<Uuid, i32>>>,
+    signals: HashMap<Uuid, JobSignals>,
 ) {
     let mut tick = tokio::time::interval((lease / 3).min(MAX_LEASE_TICK));
     tick.tick().await;
     loop {
         tick.tick().await;
-        match db::extend_lease(&pool, job_id, worker_id, attempt, lease).await {
-            Ok(LeaseStatus::Held) => {}
-            Ok(LeaseStatus::CancelRequested) => {
-                cancel.cancel();
-                return;
-            }
-            Ok(LeaseStatus::Lost) => {
-                lost.cancel();
-                return;
+        let jobs: Vec<(Uuid, i32)> = match running.lock() {
+            Ok(r) => r.iter().map(|(id, a)| (*id, *a)).collect(),
+            Err(_) => return,
+        };
+        if jobs.is_empty() {
+            return;
+        }
+        match db::extend_leases(&pool, &jobs, worker_id, lease).await {
+            Ok(statuses) => {
+                for (id, status) in statuses {
+                    let Some(sig) = signals.get(&id) else {
+                        continue;
+                    };
+                    match status {
+                        LeaseStatus::Held => {}
+                        LeaseStatus::CancelRequested => sig.cancel.cancel(),
+                        LeaseStatus::Lost => sig.lost.cancel(),
+                    }
+                }
             }
             // A database blip: try again next tick; the lease has slack for two misses.
-            Err(e) => tracing::warn!(job_id = %job_id, error = %e, "could not extend lease"),
+            Err(e) => tracing::warn!(error = %e, jobs = jobs.len(), "could not extend leases"),
         }
     }
 }

@@ -2,11 +2,10 @@
 //! within one timeout), records each probe, and moves each backend's status with
 //! hysteresis ([`pinq_core::health::next`]).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use pinq_core::health::{self, ProbeRecord, ProbeTarget, Thresholds};
-use pinq_core::kubo::{BackendError, KuboClient};
 use serde_json::{Map, Value, json};
 
 use super::TaskCtx;
@@ -74,36 +73,5 @@ async fn probe(http: reqwest::Client, t: &ProbeTarget, timeout: Duration) -> Pro
             ..ProbeRecord::default()
         };
     }
-    let client = KuboClient::new(http, &t.url);
-    let started = Instant::now();
-    let calls = async { tokio::try_join!(client.id(), client.version(), client.repo_stat()) };
-    let result = tokio::time::timeout(timeout, calls).await;
-    let latency_ms = i32::try_from(started.elapsed().as_millis()).unwrap_or(i32::MAX);
-    match result {
-        Ok(Ok((id, version, stat))) => ProbeRecord {
-            ok: true,
-            latency_ms,
-            error: None,
-            peer_id: Some(id.id),
-            node_version: Some(version),
-            repo_size: i64::try_from(stat.repo_size).ok(),
-            num_objects: i64::try_from(stat.num_objects).ok(),
-        },
-        Ok(Err(e)) => failed(latency_ms, &e),
-        Err(_) => ProbeRecord {
-            ok: false,
-            latency_ms,
-            error: Some(format!("probe timed out after {} ms", timeout.as_millis())),
-            ..ProbeRecord::default()
-        },
-    }
-}
-
-fn failed(latency_ms: i32, e: &BackendError) -> ProbeRecord {
-    ProbeRecord {
-        ok: false,
-        latency_ms,
-        error: Some(e.to_string()),
-        ..ProbeRecord::default()
-    }
+    health::probe_kubo(http, &t.url, timeout).await
 }

@@ -1,0 +1,262 @@
+//! The operator's read side: queries behind `GET /v1/stats`, `GET /v1/jobs`,
+//! `GET /v1/pin-index`, and the backend admin actions (`DELETE /v1/backends/{name}`,
+//! `POST /v1/backends/{name}/check`) that the `pinq` CLI uses.
+//!
+//! Every query that shows jobs takes an owner filter: `None` lets an admin see every
+//! tenant's jobs, `Some(owner)` keeps a tenant to its own.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{AssertSqlSafe, FromRow, PgPool};
+use uuid::Uuid;
+
+use crate::db::JobRow;
+use crate::model::JobState;
+
+/// Jobs per state.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct JobCounts {
+    pub queued: i64,
+    pub running: i64,
+    pub retry_wait: i64,
+    pub succeeded: i64,
+    pub failed: i64,
+    pub cancelled: i64,
+}
+
+/// Recent throughput and latency, measured on `finished_at`.
+#[derive(Debug, Clone, Default, Serialize, FromRow, PartialEq)]
+pub struct Recent {
+    pub succeeded_10s: i64,
+    pub failed_10s: i64,
+    pub succeeded_60s: i64,
+    pub failed_60s: i64,
+    /// Submit→done latency (finished_at − created_at) over jobs finished in the last
+    /// 60 s, in milliseconds; `None` when no job finished.
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p90_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
+    pub latency_max_ms: Option<f64>,
+    pub latency_samples: i64,
+}
+
+pub async fn job_counts(pool: &PgPool, owner: Option<&str>) -> Result<JobCounts, sqlx::Error> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT state, count(*) FROM jobs WHERE ($1::text IS NULL OR owner = $1) GROUP BY state",
+    )
+    .bind(owner)
+    .fetch_all(pool)
+    .await?;
+    let mut c = JobCounts::default();
+    for (state, n) in rows {
+        match state.parse::<JobState>() {
+            Ok(JobState::Queued) => c.queued += n,
+            Ok(JobState::Running) => c.running += n,
+            Ok(JobState::RetryWait) => c.retry_wait += n,
+            Ok(JobState::Succeeded) => c.succeeded += n,
+            Ok(JobState::Failed) => c.failed += n,
+            Ok(JobState::Cancelled) => c.cancelled += n,
+            Err(_) => {}
+        }
+    }
+    Ok(c)
+}
+
+/// Completions in the last 10 s and 60 s and the latency percentiles of the last 60 s.
+pub async fn recent(pool: &PgPool, owner: Option<&str>) -> Result<Recent, sqlx::Error> {
+    sqlx::query_as(
+        "WITH f AS (
+             SELECT state, finished_at,
+                    extract(epoch FROM (finished_at - created_at)) * 1000.0 AS ms
+             FROM jobs
+             WHERE state IN ('succeeded', 'failed')
+               AND finished_at > now() - interval '60 seconds'
+               AND ($1::text IS NULL OR owner = $1)
+         )
+         SELECT
+             count(*) FILTER (WHERE state = 'succeeded' AND finished_at > now() - interval '10 seconds') AS succeeded_10s,
+             count(*) FILTER (WHERE state = 'failed' AND finished_at > now() - interval '10 seconds') AS failed_10s,
+             count(*) FILTER (WHERE state = 'succeeded') AS succeeded_60s,
+             count(*) FILTER (WHERE state = 'failed') AS failed_60s,
+             (percentile_cont(0.5) WITHIN GROUP (ORDER BY ms))::float8 AS latency_p50_ms,
+             (percentile_cont(0.9) WITHIN GROUP (ORDER BY ms))::float8 AS latency_p90_ms,
+             (percentile_cont(0.99) WITHIN GROUP (ORDER BY ms))::float8 AS latency_p99_ms,
+             max(ms)::float8 AS latency_max_ms,
+             count(*) AS latency_samples
+         FROM f",
+    )
+    .bind(owner)
+    .fetch_one(pool)
+    .await
+}
+
+/// Which jobs `GET /v1/jobs` lists.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub owner: Option<String>,
+    pub state: Option<JobState>,
+    pub batch: Option<Uuid>,
+    /// Spellings of one CID to match (the jobs table keeps the submitted version's own
+    /// spelling, so a CIDv0 is looked up as `Qm…` and as its CIDv1).
+    pub cids: Vec<String>,
+    /// Cursor: the `(created_at, id)` of the last job of the previous page.
+    pub after: Option<(DateTime<Utc>, Uuid)>,
+    pub limit: i64,
+}
+
+const JOB_COLUMNS: &str = "j.id, j.batch_id, j.seq, j.owner, b.name AS backend, j.op, j.cid,
+    j.replaces_cid, j.name, j.meta, j.priority, j.state, j.attempt, j.max_attempts, j.run_at,
+    j.dispatched_at, j.lease_owner, j.lease_until, j.last_error, j.created_at, j.updated_at,
+    j.started_at, j.finished_at";
+
+/// Jobs matching the filter, newest first.
+pub async fn list_jobs(pool: &PgPool, f: &JobFilter) -> Result<Vec<JobRow>, sqlx::Error> {
+    let (after_at, after_id) = f.after.unzip();
+    let cids: Option<&[String]> = if f.cids.is_empty() {
+        None
+    } else {
+        Some(&f.cids)
+    };
+    sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT {JOB_COLUMNS} FROM jobs j JOIN backends b ON b.id = j.backend_id
+         WHERE ($1::text IS NULL OR j.owner = $1)
+           AND ($2::text IS NULL OR j.state = $2)
+           AND ($3::uuid IS NULL OR j.batch_id = $3)
+           AND ($4::text[] IS NULL OR j.cid = ANY($4))
+           AND ($5::timestamptz IS NULL OR (j.created_at, j.id) < ($5, $6))
+         ORDER BY j.created_at DESC, j.id DESC
+         LIMIT $7"
+    )))
+    .bind(f.owner.as_deref())
+    .bind(f.state.map(JobState::as_str))
+    .bind(f.batch)
+    .bind(cids)
+    .bind(after_at)
+    .bind(after_id)
+    .bind(f.limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// One row of the pin index.
+#[derive(Debug, Clone, FromRow, Serialize)]
+pub struct PinRow {
+    pub backend: String,
+    pub cid: String,
+    pub owner: Option<String>,
+    pub name: Option<String>,
+    pub job_id: Option<Uuid>,
+    pub status: String,
+    pub pinned_at: DateTime<Utc>,
+    pub verified_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PinFilter {
+    pub owner: Option<String>,
+    pub backend: Option<String>,
+    /// Canonical CID.
+    pub cid: Option<String>,
+    pub status: Option<String>,
+    /// Cursor: the `(backend, cid)` of the last row of the previous page.
+    pub after: Option<(String, String)>,
+    pub limit: i64,
+}
+
+/// Pin index rows, ordered by backend name then CID.
+pub async fn list_pins(pool: &PgPool, f: &PinFilter) -> Result<Vec<PinRow>, sqlx::Error> {
+    let (after_backend, after_cid) = f.after.clone().unzip();
+    sqlx::query_as(
+        "SELECT b.name AS backend, p.cid, p.owner, p.name, p.job_id, p.status, p.pinned_at,
+                p.verified_at, p.updated_at
+         FROM pins p JOIN backends b ON b.id = p.backend_id
+         WHERE ($1::text IS NULL OR p.owner = $1)
+           AND ($2::text IS NULL OR b.name = $2)
+           AND ($3::text IS NULL OR p.cid = $3)
+           AND ($4::text IS NULL OR p.status = $4)
+           AND ($5::text IS NULL OR (b.name, p.cid) > ($5, $6))
+         ORDER BY b.name, p.cid
+         LIMIT $7",
+    )
+    .bind(f.owner.as_deref())
+    .bind(f.backend.as_deref())
+    .bind(f.cid.as_deref())
+    .bind(f.status.as_deref())
+    .bind(after_backend)
+    .bind(after_cid)
+    .bind(f.limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// What [`delete_backend`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendDelete {
+    NotFound,
+    /// The backend still has jobs that may run; nothing was deleted.
+    Busy {
+        unfinished: i64,
+    },
+    /// The backend has finished jobs (their history) and `purge` was not asked for;
+    /// nothing was deleted.
+    HasHistory {
+        finished: i64,
+    },
+    /// Deleted, with its finished jobs (their history) and its pin index rows.
+    Deleted {
+        jobs_removed: u64,
+    },
+}
+
+/// Deletes a backend that has no unfinished job. If it has finished jobs, they are
+/// deleted with it only when `purge` is set (the jobs table references the backend, and a
+/// job's history is worth keeping unless the operator says otherwise). Its pin index rows
+/// and probes cascade.
+pub async fn delete_backend(
+    pool: &PgPool,
+    name: &str,
+    purge: bool,
+) -> Result<BackendDelete, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let id: Option<(Uuid,)> = sqlx::query_as("SELECT id FROM backends WHERE name = $1 FOR UPDATE")
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let Some((id,)) = id else {
+        tx.rollback().await?;
+        return Ok(BackendDelete::NotFound);
+    };
+    let (unfinished,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM jobs
+         WHERE backend_id = $1 AND state IN ('queued', 'running', 'retry_wait')",
+    )
+    .bind(id)
+    .fetch_one(&mut *tx)
+    .await?;
+    if unfinished > 0 {
+        tx.rollback().await?;
+        return Ok(BackendDelete::Busy { unfinished });
+    }
+    if !purge {
+        let (finished,): (i64,) = sqlx::query_as("SELECT count(*) FROM jobs WHERE backend_id = $1")
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+        if finished > 0 {
+            tx.rollback().await?;
+            return Ok(BackendDelete::HasHistory { finished });
+        }
+    }
+    let jobs_removed = sqlx::query("DELETE FROM jobs WHERE backend_id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    sqlx::query("DELETE FROM backends WHERE id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(BackendDelete::Deleted { jobs_removed })
+}
