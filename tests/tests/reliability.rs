@@ -320,7 +320,7 @@ async fn an_unprovided_cid_backs_off_then_fails_and_can_be_redriven() -> anyhow:
             "wait after attempt {n} was {wait:?}, ceiling {ceiling:?}"
         );
         waits.push(format!(
-            "{}ms<= {}ms",
+            "{}ms (ceiling {}ms)",
             wait.as_millis(),
             ceiling.as_millis()
         ));
@@ -444,5 +444,96 @@ async fn sigterm_stops_a_loaded_worker_within_its_grace_and_strands_no_job() -> 
     assert_eq!((f.succeeded, f.lost, f.double_run), (1000, 0, 0));
     let stuck_counts = stack.state_counts(stuck_batch).await?;
     assert_eq!(stuck_counts.get("failed"), Some(&5), "{stuck_counts:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_stops_heartbeating_is_reaped_long_before_its_leases_expire()
+-> anyhow::Result<()> {
+    const LEASE_SECS: u64 = 120;
+    const STALE_SECS: u64 = 4;
+    let mut stack = Stack::new().await?;
+    stack
+        .env
+        .push(("PINQ_LEASE_SECS".into(), LEASE_SECS.to_string()));
+    stack
+        .env
+        .push(("PINQ_WORKER_STALE_SECS".into(), STALE_SECS.to_string()));
+    stack.env.push(("PINQ_HEARTBEAT_SECS".into(), "1".into()));
+    stack
+        .env
+        .push(("PINQ_PIN_TIMEOUT_SECS".into(), "60".into()));
+    stack.start_ipfs().await?;
+    stack.start_api().await?;
+    stack.register_ipfs_backend("local").await?;
+    stack.start_worker()?;
+    stack.start_scheduler()?;
+    // Pins nobody can serve: they are still running when the worker dies.
+    let stuck: Vec<String> = (0..3).map(|_| stack.ipfs().unprovided_cid()).collect();
+    let batch = stack
+        .submit_ok(&json!({"ops": pins(&stuck), "retry": {"max_attempts": 2}}))
+        .await?;
+    let worker_id = stack.worker_id(0).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stack
+        .state_counts(batch)
+        .await?
+        .get("running")
+        .copied()
+        .unwrap_or(0)
+        < 3
+    {
+        assert!(Instant::now() < deadline, "the pins never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    stack.workers[0].kill9();
+    let killed_at = Instant::now();
+    // A second worker, whose pins time out at once, takes the jobs over.
+    stack.env.push(("PINQ_PIN_TIMEOUT_SECS".into(), "1".into()));
+    stack.start_worker()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (retaken,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM jobs WHERE batch_id = $1 AND attempt >= 2")
+                .bind(batch)
+                .fetch_one(&stack.db.pool)
+                .await?;
+        if retaken == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "jobs of the dead worker not taken back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let retaken_after = killed_at.elapsed();
+    let (state,): (String,) = sqlx::query_as("SELECT state FROM workers WHERE id = $1")
+        .bind(worker_id)
+        .fetch_one(&stack.db.pool)
+        .await?;
+    let lost: Vec<(String,)> = sqlx::query_as(
+        "SELECT a.outcome FROM job_attempts a JOIN jobs j ON j.id = a.job_id
+         WHERE j.batch_id = $1 AND a.attempt = 1",
+    )
+    .bind(batch)
+    .fetch_all(&stack.db.pool)
+    .await?;
+    println!(
+        "fault-figures worker_reaped: lease_secs={LEASE_SECS} stale_secs={STALE_SECS} retaken_after_ms={}",
+        retaken_after.as_millis()
+    );
+    assert_eq!(state, "lost", "the silent worker is marked lost");
+    assert!(
+        lost.iter().all(|(o,)| o == "lost"),
+        "first attempts closed as lost: {lost:?}"
+    );
+    assert!(
+        retaken_after < Duration::from_secs(STALE_SECS + 15),
+        "taken back after {retaken_after:?}, not after the {LEASE_SECS} s lease"
+    );
+    let done = stack.wait_done(batch, Duration::from_secs(60)).await?;
+    assert_eq!(done["counts"]["failed"], 3, "{done}");
     Ok(())
 }
