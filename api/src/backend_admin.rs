@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use axum::Extension;
 use axum::Json;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use pinq_core::health::{self, Thresholds};
@@ -16,7 +17,7 @@ use serde_json::{Value, json};
 use crate::AppState;
 use crate::auth::Caller;
 use crate::backends::require_admin;
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, query_error};
 
 /// The probe timeout and thresholds of the scheduler's defaults (`PINQ_HEALTH_*`).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -39,8 +40,9 @@ pub async fn delete(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
-    Query(q): Query<DeleteQuery>,
+    q: Result<Query<DeleteQuery>, QueryRejection>,
 ) -> ApiResult<Json<Value>> {
+    let Query(q) = q.map_err(query_error)?;
     require_admin(&caller)?;
     match stats::delete_backend(&state.pool, &name, q.purge).await? {
         BackendDelete::NotFound => Err(ApiError::NotFound(format!("no backend named '{name}'"))),

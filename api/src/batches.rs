@@ -13,6 +13,7 @@ use axum::Extension;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use chrono::{DateTime, Utc};
@@ -26,7 +27,7 @@ use uuid::Uuid;
 
 use crate::AppState;
 use crate::auth::Caller;
-use crate::error::{ApiError, ApiResult, Problem};
+use crate::error::{ApiError, ApiResult, Problem, query_error};
 
 /// Most problems listed in one error response; the message says how many there were.
 const MAX_PROBLEMS: usize = 1000;
@@ -96,6 +97,49 @@ pub async fn submit(
             .filter_map(|n| by_name.get(n.as_str()).map(|b| (*b).clone()))
             .collect()
     };
+
+    // A user token may unpin only what the pin index records as its owner's: the nodes are
+    // shared, and one tenant must not remove another's pins (or pins made outside pinq).
+    if !caller.admin {
+        let mut wanted = Vec::new();
+        for (i, op) in request.ops.iter().enumerate() {
+            let removed = match op.op {
+                Op::Unpin => Some(op.cid),
+                Op::Replace => op.replaces,
+                Op::Pin => None,
+            };
+            if let Some(cid) = removed {
+                for backend in &backends {
+                    wanted.push((i, backend.id, backend.name.clone(), cid));
+                }
+            }
+        }
+        if !wanted.is_empty() {
+            let pairs: Vec<(Uuid, String)> = wanted
+                .iter()
+                .map(|(_, b, _, c)| (*b, c.canonical()))
+                .collect();
+            let foreign = db::pins_not_owned_by(&state.pool, &caller.owner, &pairs).await?;
+            let problems: Vec<Problem> = wanted
+                .iter()
+                .filter(|(_, b, _, c)| foreign.contains(&(*b, c.canonical())))
+                .map(|(i, _, name, c)| {
+                    let field = if request.ops[*i].op == Op::Replace { "replaces" } else { "cid" };
+                    Problem::op(
+                        *i,
+                        field,
+                        format!("{c} is not pinned by this token's owner on backend '{name}'; only your own pins can be removed"),
+                    )
+                })
+                .collect();
+            if !problems.is_empty() {
+                return Err(ApiError::invalid(
+                    "batch rejected: it would remove pins this token does not own; nothing was stored",
+                    problems,
+                ));
+            }
+        }
+    }
 
     let mut jobs = Vec::with_capacity(request.ops.len() * backends.len());
     for (seq, op) in request.ops.iter().enumerate() {
@@ -603,8 +647,9 @@ pub struct ListQuery {
 pub async fn list(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Query(q): Query<ListQuery>,
+    q: Result<Query<ListQuery>, QueryRejection>,
 ) -> ApiResult<Json<Value>> {
+    let Query(q) = q.map_err(query_error)?;
     let limit = page_limit(q.limit)?;
     let batches = db::list_batches(&state.pool, caller.owner_filter(), limit).await?;
     Ok(Json(serde_json::json!({ "batches": batches })))
@@ -622,8 +667,9 @@ pub async fn jobs(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-    Query(q): Query<JobsQuery>,
+    q: Result<Query<JobsQuery>, QueryRejection>,
 ) -> ApiResult<Json<Value>> {
+    let Query(q) = q.map_err(query_error)?;
     let id = parse_id(&id, "batch")?;
     db::get_batch(&state.pool, id, caller.owner_filter())
         .await?

@@ -109,6 +109,13 @@ impl ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
+        // A foreign key that no longer resolves: something the request names (a backend)
+        // was deleted while the request ran.
+        if matches!(&e, sqlx::Error::Database(db) if db.code().as_deref() == Some("23503")) {
+            return ApiError::Conflict(
+                "something this request refers to (e.g. a backend) was deleted meanwhile; check and retry".into(),
+            );
+        }
         if pinq_core::db::is_unavailable(&e) {
             tracing::warn!(error = %e, "database unavailable");
             ApiError::Unavailable
@@ -162,3 +169,11 @@ impl IntoResponse for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+/// A query string that does not parse, as a JSON 400 naming the problem.
+pub fn query_error(e: axum::extract::rejection::QueryRejection) -> ApiError {
+    ApiError::invalid(
+        format!("invalid query string: {}", e.body_text()),
+        vec![Problem::at("query", e.body_text())],
+    )
+}

@@ -57,13 +57,22 @@ pub async fn get(
     } else {
         (Value::Null, Value::Null)
     };
-    let queue_depth = queue_depth(&state).await;
+    // The broker is shared infrastructure, like backends and workers: admins only.
+    let queue_depth = if caller.admin {
+        queue_depth(&state).await
+    } else {
+        None
+    };
     Ok(Json(json!({
         "at": chrono::Utc::now(),
         "jobs": counts,
         "totals": {"succeeded": counts.succeeded, "failed": counts.failed},
         "recent": recent,
-        "queue": {"name": state.publisher.queue(), "depth": queue_depth},
+        "queue": if caller.admin {
+            json!({"name": state.publisher.queue(), "depth": queue_depth})
+        } else {
+            Value::Null
+        },
         "backends": backends,
         "workers": workers,
     })))

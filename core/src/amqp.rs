@@ -179,7 +179,16 @@ impl Publisher {
         &self.queue
     }
 
+    /// Opens a connection and a confirming channel with the queue declared, all within
+    /// [`CONNECT_TIMEOUT`] (the relay holds row locks while it waits here).
     async fn open(&self) -> Result<Link, AmqpError> {
+        match tokio::time::timeout(CONNECT_TIMEOUT, self.open_unbounded()).await {
+            Ok(r) => r,
+            Err(_) => Err(AmqpError::ConnectTimeout(CONNECT_TIMEOUT)),
+        }
+    }
+
+    async fn open_unbounded(&self) -> Result<Link, AmqpError> {
         let conn = connect(&self.url, "pinq-publisher").await?;
         let channel = conn.create_channel().await?;
         channel

@@ -76,7 +76,11 @@ pub fn is_unavailable(e: &sqlx::Error) -> bool {
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed
             | sqlx::Error::Tls(_)
-    ) || matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")))
+    ) || matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| {
+        // Connection failures, an administrator shutdown, and a deadlock or
+        // serialization failure: all pass if the request is simply made again.
+        c.starts_with("57P") || c.starts_with("08") || c == "40P01" || c == "40001"
+    }))
 }
 
 /// Whether an error is a unique-constraint violation.
@@ -298,6 +302,28 @@ pub async fn insert_batch(pool: &PgPool, batch: &NewBatch) -> Result<Stored, sql
     })
 }
 
+/// Of the given (backend, canonical CID) pairs, those the pin index holds for someone
+/// other than `owner`: another tenant's pins, and pins made outside pinq (`unmanaged`).
+pub async fn pins_not_owned_by(
+    pool: &PgPool,
+    owner: &str,
+    pairs: &[(Uuid, String)],
+) -> Result<std::collections::HashSet<(Uuid, String)>, sqlx::Error> {
+    let (backends, cids): (Vec<Uuid>, Vec<String>) = pairs.iter().cloned().unzip();
+    let rows: Vec<(Uuid, String)> = sqlx::query_as(
+        "SELECT p.backend_id, p.cid FROM pins p
+         JOIN UNNEST($1::uuid[], $2::text[]) AS t(backend_id, cid)
+           ON p.backend_id = t.backend_id AND p.cid = t.cid
+         WHERE p.owner IS DISTINCT FROM $3",
+    )
+    .bind(&backends)
+    .bind(&cids)
+    .bind(owner)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
 /// Records that the broker confirmed a message for each of these jobs.
 pub async fn mark_dispatched(pool: &PgPool, ids: &[Uuid]) -> Result<u64, sqlx::Error> {
     let mut tx = pool.begin().await?;
@@ -506,22 +532,23 @@ pub async fn finish_job(
     let r = sqlx::query(
         // A job whose cancellation was requested while it ran ends `cancelled` instead of
         // going back to wait for another attempt.
-        "WITH next AS (
-             SELECT CASE WHEN cancel_requested AND $4 IN ('retry_wait', 'queued')
-                         THEN 'cancelled' ELSE $4 END AS state
-             FROM jobs WHERE id = $1
-         )
-         UPDATE jobs
-         SET state = next.state, lease_owner = NULL, lease_until = NULL, updated_at = now(),
+        // The new state is computed from the row being updated (not from a snapshot), so a
+        // cancel committed while this statement waited for the row is still honoured.
+        "UPDATE jobs
+         SET state = CASE WHEN cancel_requested AND $4 IN ('retry_wait', 'queued')
+                          THEN 'cancelled' ELSE $4 END,
+             lease_owner = NULL, lease_until = NULL, updated_at = now(),
              attempt = CASE WHEN $7 THEN attempt - 1 ELSE attempt END,
-             last_error = CASE WHEN next.state = 'succeeded' THEN NULL ELSE coalesce($5, last_error) END,
+             last_error = CASE WHEN $4 = 'succeeded' THEN NULL ELSE coalesce($5, last_error) END,
              run_at = coalesce($6, run_at),
              -- Messages are acknowledged once their jobs are claimed, so a job that goes
              -- back to waiting needs a new one: the relay publishes it.
-             dispatched_at = CASE WHEN next.state IN ('retry_wait', 'queued') THEN NULL ELSE dispatched_at END,
-             finished_at = CASE WHEN next.state IN ('succeeded', 'failed', 'cancelled') THEN now() ELSE NULL END
-         FROM next
-         WHERE id = $1 AND lease_owner = $2 AND attempt = $3 AND jobs.state = 'running'",
+             dispatched_at = CASE WHEN $4 IN ('retry_wait', 'queued') AND NOT cancel_requested
+                                  THEN NULL ELSE dispatched_at END,
+             finished_at = CASE WHEN $4 IN ('succeeded', 'failed', 'cancelled')
+                                     OR (cancel_requested AND $4 IN ('retry_wait', 'queued'))
+                                THEN now() ELSE NULL END
+         WHERE id = $1 AND lease_owner = $2 AND attempt = $3 AND state = 'running'",
     )
     .bind(job.id)
     .bind(worker_id)
@@ -664,7 +691,14 @@ async fn update_pin_index_bulk(
              FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::uuid[])
                   AS t(backend_id, cid, owner, name, job_id)
              ON CONFLICT (backend_id, cid) DO UPDATE
-             SET owner = EXCLUDED.owner, name = EXCLUDED.name, job_id = EXCLUDED.job_id,
+             -- A pin another tenant already holds stays theirs: a second pin of the same
+             -- content does not take the index row over.
+             SET owner = CASE WHEN pins.status = 'pinned' AND pins.owner IS NOT NULL
+                              THEN pins.owner ELSE EXCLUDED.owner END,
+                 name = CASE WHEN pins.status = 'pinned' AND pins.owner IS NOT NULL
+                             AND pins.owner <> EXCLUDED.owner THEN pins.name ELSE EXCLUDED.name END,
+                 job_id = CASE WHEN pins.status = 'pinned' AND pins.owner IS NOT NULL
+                               AND pins.owner <> EXCLUDED.owner THEN pins.job_id ELSE EXCLUDED.job_id END,
                  status = 'pinned', verified_at = now(), updated_at = now(),
                  pinned_at = CASE WHEN pins.status = 'pinned' THEN pins.pinned_at ELSE now() END",
         )
@@ -698,7 +732,14 @@ async fn update_pin_index(conn: &mut PgConnection, job: &ClaimedJob) -> Result<(
             "INSERT INTO pins (backend_id, cid, owner, name, job_id, status, pinned_at, verified_at)
              VALUES ($1, $2, $3, $4, $5, 'pinned', now(), now())
              ON CONFLICT (backend_id, cid) DO UPDATE
-             SET owner = EXCLUDED.owner, name = EXCLUDED.name, job_id = EXCLUDED.job_id,
+             -- A pin another tenant already holds stays theirs: a second pin of the same
+             -- content does not take the index row over.
+             SET owner = CASE WHEN pins.status = 'pinned' AND pins.owner IS NOT NULL
+                              THEN pins.owner ELSE EXCLUDED.owner END,
+                 name = CASE WHEN pins.status = 'pinned' AND pins.owner IS NOT NULL
+                             AND pins.owner <> EXCLUDED.owner THEN pins.name ELSE EXCLUDED.name END,
+                 job_id = CASE WHEN pins.status = 'pinned' AND pins.owner IS NOT NULL
+                               AND pins.owner <> EXCLUDED.owner THEN pins.job_id ELSE EXCLUDED.job_id END,
                  status = 'pinned', verified_at = now(), updated_at = now(),
                  pinned_at = CASE WHEN pins.status = 'pinned' THEN pins.pinned_at ELSE now() END",
         )
@@ -1129,26 +1170,27 @@ pub struct BatchCancel {
 /// Cancels every job of a batch that has not finished. The caller checked the batch is
 /// visible to the caller.
 pub async fn cancel_batch(pool: &PgPool, batch_id: Uuid) -> Result<BatchCancel, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let cancelled = sqlx::query(
-        "UPDATE jobs SET state = 'cancelled', finished_at = now(), updated_at = now()
-         WHERE batch_id = $1 AND state IN ('queued', 'retry_wait')",
+    // One statement, locking the rows in id order like every multi-row writer of jobs.
+    let rows: Vec<(bool,)> = sqlx::query_as(
+        "WITH target AS (
+             SELECT id FROM jobs
+             WHERE batch_id = $1 AND state IN ('queued', 'retry_wait', 'running')
+             ORDER BY id FOR UPDATE
+         )
+         UPDATE jobs j
+         SET state = CASE WHEN j.state = 'running' THEN j.state ELSE 'cancelled' END,
+             finished_at = CASE WHEN j.state = 'running' THEN j.finished_at ELSE now() END,
+             cancel_requested = j.cancel_requested OR j.state = 'running',
+             updated_at = now()
+         FROM target WHERE j.id = target.id
+         RETURNING j.state = 'running'",
     )
     .bind(batch_id)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected() as i64;
-    let requested = sqlx::query(
-        "UPDATE jobs SET cancel_requested = true, updated_at = now()
-         WHERE batch_id = $1 AND state = 'running'",
-    )
-    .bind(batch_id)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected() as i64;
-    tx.commit().await?;
+    .fetch_all(pool)
+    .await?;
+    let requested = rows.iter().filter(|(running,)| *running).count() as i64;
     Ok(BatchCancel {
-        cancelled,
+        cancelled: rows.len() as i64 - requested,
         requested,
     })
 }
@@ -1163,15 +1205,20 @@ pub async fn redrive_failed(
     owner: Option<&str>,
 ) -> Result<Vec<(Uuid, Priority)>, sqlx::Error> {
     let rows: Vec<(Uuid, i16)> = sqlx::query_as(
-        "UPDATE jobs j
+        "WITH target AS (
+             SELECT j.id, coalesce((b.retry->>'max_attempts')::int, j.max_attempts) AS budget
+             FROM jobs j JOIN batches b ON b.id = j.batch_id
+             WHERE j.state = 'failed'
+               AND ($1::uuid IS NULL OR j.id = $1)
+               AND ($2::uuid IS NULL OR j.batch_id = $2)
+               AND ($3::text IS NULL OR j.owner = $3)
+             ORDER BY j.id FOR UPDATE OF j
+         )
+         UPDATE jobs j
          SET state = 'queued', dispatched_at = NULL, finished_at = NULL, cancel_requested = false,
-             max_attempts = j.attempt + coalesce((b.retry->>'max_attempts')::int, j.max_attempts),
-             run_at = now(), updated_at = now()
-         FROM batches b
-         WHERE b.id = j.batch_id AND j.state = 'failed'
-           AND ($1::uuid IS NULL OR j.id = $1)
-           AND ($2::uuid IS NULL OR j.batch_id = $2)
-           AND ($3::text IS NULL OR j.owner = $3)
+             max_attempts = j.attempt + target.budget, run_at = now(), updated_at = now()
+         FROM target
+         WHERE j.id = target.id AND j.state = 'failed'
          RETURNING j.id, j.priority",
     )
     .bind(job)
@@ -1237,7 +1284,9 @@ pub async fn reap_lost_workers(pool: &PgPool, stale: Duration) -> Result<(u64, u
     } else {
         sqlx::query(
             "UPDATE jobs SET lease_until = now() - interval '1 second'
-             WHERE state = 'running' AND lease_owner = ANY($1)",
+             WHERE id IN (SELECT id FROM jobs
+                          WHERE state = 'running' AND lease_owner = ANY($1)
+                          ORDER BY id FOR UPDATE)",
         )
         .bind(&ids)
         .execute(&mut *tx)

@@ -49,6 +49,9 @@ impl BackendError {
     }
 
     fn from_reqwest(e: reqwest::Error) -> Self {
+        // The backend's URL stays out of the message: it ends up in job errors that
+        // tenants read, and a URL can carry credentials.
+        let e = e.without_url();
         if e.is_timeout() {
             BackendError::Timeout(e.to_string())
         } else if e.is_connect() {

@@ -322,3 +322,64 @@ async fn cli_tokens_create_list_revoke() -> anyhow::Result<()> {
     assert!(!ok, "revoking twice fails");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_b_cannot_unpin_or_take_over_tenant_a_pins() -> anyhow::Result<()> {
+    let stack = Stack::full(1).await?;
+    let a = token(&stack, "a-pins", "tenant-a").await?;
+    let b = token(&stack, "b-pins", "tenant-b").await?;
+    let cids = stack.ipfs().add_unpinned(&unique_contents(1)).await?;
+    let x = cids[0].clone();
+    let pin = json!({"ops": [{"op": "pin", "cid": x}]});
+
+    let (code, v) = call(&stack, &a, Method::POST, "/v1/batches", Some(pin.clone())).await?;
+    assert_eq!(code, 202, "{v}");
+    let batch_a: uuid::Uuid = v["id"].as_str().unwrap_or_default().parse()?;
+    stack.wait_done(batch_a, Duration::from_secs(60)).await?;
+    // B pins the same content too: the pin index keeps it as A's.
+    let (code, v) = call(&stack, &b, Method::POST, "/v1/batches", Some(pin)).await?;
+    assert_eq!(code, 202, "{v}");
+    let batch_b: uuid::Uuid = v["id"].as_str().unwrap_or_default().parse()?;
+    stack.wait_done(batch_b, Duration::from_secs(60)).await?;
+    let (owner,): (Option<String>,) = sqlx::query_as("SELECT owner FROM pins")
+        .fetch_one(&stack.db.pool)
+        .await?;
+    assert_eq!(owner.as_deref(), Some("tenant-a"));
+
+    // B may not remove it, by unpin or by replace; nothing is stored.
+    let jobs_before = stack.db.count("jobs").await;
+    for body in [
+        json!({"ops": [{"op": "unpin", "cid": x}]}),
+        json!({"ops": [{"op": "replace", "cid": x, "replaces": x}]}),
+    ] {
+        let (code, v) = call(&stack, &b, Method::POST, "/v1/batches", Some(body)).await?;
+        assert_eq!(code, 400, "{v}");
+        assert!(
+            v["error"]["details"][0]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("only your own pins")),
+            "{v}"
+        );
+    }
+    assert_eq!(stack.db.count("jobs").await, jobs_before);
+    assert_eq!(
+        stack.ipfs().pins().await?.len(),
+        1,
+        "still pinned on the node"
+    );
+
+    // A may.
+    let (code, v) = call(
+        &stack,
+        &a,
+        Method::POST,
+        "/v1/batches",
+        Some(json!({"ops": [{"op": "unpin", "cid": x}]})),
+    )
+    .await?;
+    assert_eq!(code, 202, "{v}");
+    let unpin: uuid::Uuid = v["id"].as_str().unwrap_or_default().parse()?;
+    stack.wait_done(unpin, Duration::from_secs(60)).await?;
+    assert!(stack.ipfs().pins().await?.is_empty());
+    Ok(())
+}

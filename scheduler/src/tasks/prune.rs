@@ -23,13 +23,16 @@ pub async fn run(ctx: &TaskCtx, args: &Value) -> anyhow::Result<Value> {
     // Only jobs whose whole batch is finished, so a batch never shows half its jobs.
     let jobs = chunked(ctx, chunk, jobs_days, |limit, days| {
         sqlx::query(
+            // The outer state test is checked again on the row being deleted, so a job
+            // re-driven while this runs is not deleted.
             "DELETE FROM jobs WHERE id IN (
                  SELECT j.id FROM jobs j
                  WHERE j.state IN ('succeeded', 'failed', 'cancelled')
                    AND j.updated_at < now() - make_interval(days => $2::int)
                    AND NOT EXISTS (SELECT 1 FROM jobs o WHERE o.batch_id = j.batch_id
                                    AND o.state IN ('queued', 'running', 'retry_wait'))
-                 LIMIT $1)",
+                 LIMIT $1)
+             AND state IN ('succeeded', 'failed', 'cancelled')",
         )
         .bind(limit)
         .bind(days)
