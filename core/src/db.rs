@@ -326,8 +326,6 @@ pub async fn pins_not_owned_by(
 
 /// Records that the broker confirmed a message for each of these jobs.
 pub async fn mark_dispatched(pool: &PgPool, ids: &[Uuid]) -> Result<u64, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    relaxed_commit(&mut tx).await?;
     let r = sqlx::query(
         "UPDATE jobs SET dispatched_at = now()
          WHERE id IN (SELECT id FROM jobs
@@ -335,25 +333,9 @@ pub async fn mark_dispatched(pool: &PgPool, ids: &[Uuid]) -> Result<u64, sqlx::E
                       ORDER BY id FOR UPDATE)",
     )
     .bind(ids)
-    .execute(&mut *tx)
+    .execute(pool)
     .await?;
-    tx.commit().await?;
     Ok(r.rows_affected())
-}
-
-/// Lets the current transaction commit without waiting for its WAL record to reach disk.
-///
-/// Only for writes whose loss in a PostgreSQL crash is harmless, because the state they
-/// leave behind is recovered anyway: a lost dispatch mark makes the relay publish the job
-/// again (a duplicate, dropped at the claim); a lost success leaves the job `running`
-/// until its lease expires, and it runs again (pins are idempotent). Claims, ingest and
-/// every other state change keep synchronous commits. Many small commits queueing on the
-/// WAL flush were PostgreSQL's largest wait in the end-to-end benchmark.
-async fn relaxed_commit(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query("SET LOCAL synchronous_commit = off")
-        .execute(conn)
-        .await?;
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -602,7 +584,6 @@ pub async fn finish_succeeded(
     let ids: Vec<Uuid> = jobs.iter().map(|j| j.id).collect();
     let attempts: Vec<i32> = jobs.iter().map(|j| j.attempt).collect();
     let mut tx = pool.begin().await?;
-    relaxed_commit(&mut tx).await?;
     let written: Vec<(Uuid,)> = sqlx::query_as(
         // Locked in id order first (see `claim_jobs`), so it never deadlocks with the
         // lease keeper extending the same jobs.

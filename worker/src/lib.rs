@@ -72,8 +72,6 @@ struct Ctx {
     permits: Arc<Semaphore>,
     /// Successful jobs on their way to the completer.
     completions: mpsc::Sender<Completion>,
-    /// Claims on their way to the claimer.
-    claims: mpsc::Sender<ClaimRequest>,
     /// Cancelled when the grace period after SIGTERM is over: running jobs are handed back.
     abandon: CancellationToken,
     /// Every delivery's task and every group of running jobs; drained on shutdown.
@@ -81,15 +79,6 @@ struct Ctx {
     /// Cancelled on SIGTERM: deliveries not claimed yet go back to the queue.
     stopping: CancellationToken,
 }
-
-/// Jobs a delivery asks the claimer to claim, and where the answer goes.
-struct ClaimRequest {
-    ids: Vec<Uuid>,
-    reply: oneshot::Sender<Result<Vec<ClaimedJob>, String>>,
-}
-
-/// Most claim requests served by one statement.
-const MAX_CLAIM_GROUP: usize = 64;
 
 /// A successful job for the completer to record; `written` says whether the lease was
 /// still this worker's when it did.
@@ -124,13 +113,6 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         Duration::from_secs(args.worker.lease_secs.max(3)),
         completion_rx,
     ));
-    let (claims, claim_rx) = mpsc::channel(MAX_CLAIM_GROUP * 4);
-    let claimer = tokio::spawn(claimer_loop(
-        pool.clone(),
-        id,
-        Duration::from_secs(args.worker.lease_secs.max(3)),
-        claim_rx,
-    ));
     let ctx = Arc::new(Ctx {
         id,
         pool: pool.clone(),
@@ -140,7 +122,6 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         in_flight: AtomicUsize::new(0),
         permits: Arc::new(Semaphore::new(args.worker.concurrency.max(1))),
         completions,
-        claims,
         abandon: CancellationToken::new(),
         tasks: TaskTracker::new(),
         stopping: shutdown.clone(),
@@ -175,18 +156,9 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     }
     heartbeat.abort();
     let _ = heartbeat.await;
-    // The last sender goes with the context; the completer then writes what it holds. A
-    // task still stuck past the grace period (say, writing an outcome while PostgreSQL is
-    // down) keeps a sender alive, so the wait is bounded: the leases of whatever is left
-    // expire and the relay takes those jobs back.
+    // The last sender goes with the context; the completer then writes what it holds.
     drop(ctx);
-    claimer.abort();
-    if tokio::time::timeout(Duration::from_secs(10), completer)
-        .await
-        .is_err()
-    {
-        tracing::warn!("outcomes still being written after the grace period; exiting anyway");
-    }
+    let _ = completer.await;
     let _ = db::heartbeat(&pool, id, 0, "stopped").await;
     pool.close().await;
     tracing::info!("pinq-worker stopped");
@@ -318,7 +290,8 @@ async fn handle_delivery(ctx: Arc<Ctx>, delivery: Delivery) {
         }
         let (ids, tail) = rest.split_at(permit.num_permits().min(rest.len()));
         rest = tail;
-        let claimed = match claim(&ctx, ids).await {
+        let lease = Duration::from_secs(ctx.args.lease_secs.max(3));
+        let claimed = match db::claim_jobs(&ctx.pool, ids, ctx.id, lease).await {
             Ok(claimed) => claimed,
             Err(e) => {
                 tracing::warn!(error = %e, jobs = ids.len(), "could not claim jobs; requeueing the message");
@@ -348,59 +321,6 @@ async fn handle_delivery(ctx: Arc<Ctx>, delivery: Delivery) {
     if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
         // A redelivery finds the jobs running and is dropped.
         tracing::debug!(error = %e, "could not acknowledge a delivery");
-    }
-}
-
-/// Claims jobs through the claimer task.
-async fn claim(ctx: &Ctx, ids: &[Uuid]) -> Result<Vec<ClaimedJob>, String> {
-    let (reply, answer) = oneshot::channel();
-    let request = ClaimRequest {
-        ids: ids.to_vec(),
-        reply,
-    };
-    if ctx.claims.send(request).await.is_err() {
-        return Err("the claimer has stopped".into());
-    }
-    answer
-        .await
-        .unwrap_or_else(|_| Err("the claimer has stopped".into()))
-}
-
-/// Claims jobs for every delivery: it takes whatever claim requests are waiting and serves
-/// them with one statement and one commit (a job named by two requests goes to the first;
-/// the second sees a duplicate). Under load that turns many small commits into a few
-/// large ones; when idle, a request is served at once.
-async fn claimer_loop(
-    pool: PgPool,
-    worker_id: Uuid,
-    lease: Duration,
-    mut rx: mpsc::Receiver<ClaimRequest>,
-) {
-    while let Some(first) = rx.recv().await {
-        let mut group = vec![first];
-        while group.len() < MAX_CLAIM_GROUP {
-            match rx.try_recv() {
-                Ok(r) => group.push(r),
-                Err(_) => break,
-            }
-        }
-        let ids: Vec<Uuid> = group.iter().flat_map(|r| r.ids.iter().copied()).collect();
-        match db::claim_jobs(&pool, &ids, worker_id, lease).await {
-            Ok(claimed) => {
-                let mut by_id: HashMap<Uuid, ClaimedJob> =
-                    claimed.into_iter().map(|j| (j.id, j)).collect();
-                for r in group {
-                    let mine = r.ids.iter().filter_map(|id| by_id.remove(id)).collect();
-                    let _ = r.reply.send(Ok(mine));
-                }
-            }
-            Err(e) => {
-                let message = e.to_string();
-                for r in group {
-                    let _ = r.reply.send(Err(message.clone()));
-                }
-            }
-        }
     }
 }
 
