@@ -376,8 +376,8 @@ impl ClaimedJob {
 /// (already running, finished, cancelled or unknown) are left out: their delivery was a
 /// duplicate. The claim waits for row locks rather than skipping locked rows: the API and
 /// the relay briefly lock queued jobs to record their dispatch, and skipping those would
-/// drop a good delivery. Rows are locked in id order, as every multi-row writer here
-/// does, so claims of overlapping messages queue behind each other instead of
+/// drop a good delivery. Rows are locked in id order, as the other hot-path writers
+/// of jobs do, so claims of overlapping messages queue behind each other instead of
 /// deadlocking.
 pub async fn claim_jobs(
     pool: &PgPool,
@@ -433,7 +433,7 @@ pub async fn extend_leases(
 ) -> Result<Vec<(Uuid, LeaseStatus)>, sqlx::Error> {
     let (ids, attempts): (Vec<Uuid>, Vec<i32>) = jobs.iter().copied().unzip();
     let held: Vec<(Uuid, bool)> = sqlx::query_as(
-        // Rows are locked in id order first, like every multi-row writer of jobs, so this
+        // Rows are locked in id order first, like the other hot-path writers of jobs, so this
         // never deadlocks with the completer writing outcomes for the same jobs.
         "WITH locked AS (
              SELECT j.id FROM jobs j
@@ -1151,7 +1151,7 @@ pub struct BatchCancel {
 /// Cancels every job of a batch that has not finished. The caller checked the batch is
 /// visible to the caller.
 pub async fn cancel_batch(pool: &PgPool, batch_id: Uuid) -> Result<BatchCancel, sqlx::Error> {
-    // One statement, locking the rows in id order like every multi-row writer of jobs.
+    // One statement, locking the rows in id order like the hot-path writers of jobs.
     let rows: Vec<(bool,)> = sqlx::query_as(
         "WITH target AS (
              SELECT id FROM jobs
