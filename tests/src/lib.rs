@@ -229,6 +229,25 @@ impl Proc {
         let _ = self.child.wait();
     }
 
+    /// Waits until the process has written a line containing `marker`, and returns what
+    /// follows the marker on that line. `None` if the process exits or time runs out.
+    pub async fn wait_for_line(&mut self, marker: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.log_text();
+            if let Some(rest) = text
+                .lines()
+                .find_map(|l| l.split_once(marker).map(|(_, rest)| rest.trim().to_owned()))
+            {
+                return Some(rest);
+            }
+            if !self.alive() || Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -272,11 +291,12 @@ pub struct IpfsNode {
 impl IpfsNode {
     pub async fn start(dir: &Path) -> anyhow::Result<IpfsNode> {
         let repo = dir.join("ipfs-repo");
-        let port = free_port();
+        // Port 0 on the first start: the OS picks a free port and the node prints it, so
+        // two stacks starting at once never race for one port. Restarts reuse it.
         let mut node = IpfsNode {
-            url: format!("http://127.0.0.1:{port}"),
+            url: String::new(),
             repo,
-            port,
+            port: 0,
             proc: None,
             dir: dir.to_owned(),
             http: reqwest::Client::new(),
@@ -294,7 +314,22 @@ impl IpfsNode {
             .arg(&self.repo)
             .arg("--api-port")
             .arg(self.port.to_string());
-        let proc = Proc::spawn("ipfs", cmd, &self.dir)?;
+        let mut proc = Proc::spawn("ipfs", cmd, &self.dir)?;
+        let Some(url) = proc
+            .wait_for_line("IPFS API ready on ", Duration::from_secs(60))
+            .await
+        else {
+            bail!(
+                "the IPFS node did not start (is deploy/ipfs installed? run deploy/ipfs/install.sh):\n{}",
+                proc.log_tail(30)
+            );
+        };
+        self.port = url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.trim_end_matches('/').parse().ok())
+            .context("the IPFS node printed no port")?;
+        self.url = url.trim_end_matches('/').to_owned();
         self.proc = Some(proc);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -491,7 +526,6 @@ pub struct Stack {
     pub queue: String,
     pub amqp_url: String,
     pub api_url: String,
-    api_port: u16,
     pub ipfs: Option<IpfsNode>,
     pub api: Option<Proc>,
     pub workers: Vec<Proc>,
@@ -515,14 +549,14 @@ impl Stack {
 
     fn with_db(db: TestDb) -> anyhow::Result<Stack> {
         let dir = scratch_dir("stack");
-        let api_port = free_port();
+
         Ok(Stack {
             dir,
             db,
             queue: format!("pinq.e2e.{}", Uuid::new_v4().simple()),
             amqp_url: amqp_url(),
-            api_url: format!("http://127.0.0.1:{api_port}"),
-            api_port,
+            // Known once the API has started and said where it listens.
+            api_url: String::new(),
             ipfs: None,
             api: None,
             workers: Vec::new(),
@@ -568,7 +602,7 @@ impl Stack {
             .env("AMQP_URL", &self.amqp_url)
             .env("PINQ_QUEUE", &self.queue)
             .env("PINQ_ADMIN_TOKEN", TOKEN)
-            .env("PINQ_API_ADDR", format!("127.0.0.1:{}", self.api_port))
+            .env("PINQ_API_ADDR", "127.0.0.1:0")
             .env("PINQ_RELAY_INTERVAL_MS", "200")
             .env("PINQ_RELAY_GRACE_MS", "1000")
             .env("PINQ_PIN_TIMEOUT_SECS", "30")
@@ -581,7 +615,15 @@ impl Stack {
     }
 
     pub async fn start_api(&mut self) -> anyhow::Result<()> {
-        let proc = Proc::spawn("api", self.command("pinq-api"), &self.dir)?;
+        // The API binds port 0 and prints its address: no two stacks can share a port.
+        let mut proc = Proc::spawn("api", self.command("pinq-api"), &self.dir)?;
+        let Some(url) = proc
+            .wait_for_line("pinq-api listening on ", Duration::from_secs(30))
+            .await
+        else {
+            bail!("pinq-api did not start:\n{}", proc.log_tail(30));
+        };
+        self.api_url = url;
         self.api = Some(proc);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

@@ -410,8 +410,6 @@ async fn pinq_up_restarts_a_killed_worker_and_stops_cleanly_on_sigterm() -> anyh
     let db = TestDb::create().await?;
     let dir = std::env::temp_dir().join(format!("pinq-e2e-up-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir)?;
-    let port = free_port();
-    let api_url = format!("http://127.0.0.1:{port}");
     let queue = format!("pinq.e2e.{}", uuid::Uuid::new_v4().simple());
     let bin_dir = bin_path("pinq")
         .parent()
@@ -423,7 +421,8 @@ async fn pinq_up_restarts_a_killed_worker_and_stops_cleanly_on_sigterm() -> anyh
         .env("DATABASE_URL", &db.url)
         .env("AMQP_URL", pinq_e2e::amqp_url())
         .env("PINQ_QUEUE", &queue)
-        .env("PINQ_API_ADDR", format!("127.0.0.1:{port}"))
+        // Port 0: the API's own "listening on" line, which `pinq up` forwards, says where.
+        .env("PINQ_API_ADDR", "127.0.0.1:0")
         .env("PINQ_ADMIN_TOKEN", TOKEN)
         .env("PINQ_SHUTDOWN_GRACE_SECS", "5")
         .env("PINQ_DB_MAX_CONNECTIONS", "4")
@@ -432,6 +431,10 @@ async fn pinq_up_restarts_a_killed_worker_and_stops_cleanly_on_sigterm() -> anyh
         .arg(&bin_dir);
     let mut up = Proc::spawn("pinq-up", cmd, &dir)?;
     let up_pid = up.pid();
+    let api_url = up
+        .wait_for_line("pinq-api listening on ", Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|| panic!("the API never said where it listens:\n{}", up.log_text()));
 
     // Up when `pinq status` says so, through the CLI itself.
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -131,7 +131,8 @@ async fn two_schedulers_fire_every_second_exactly_once() -> anyhow::Result<()> {
     only_health_check_every_second(&stack).await?;
     let mut a = spawn_scheduler(&stack, "scheduler-a")?;
     let mut b = spawn_scheduler(&stack, "scheduler-b")?;
-    tokio::time::sleep(Duration::from_secs(25)).await;
+    // A minute side by side, as the scheduler's contract is stated.
+    tokio::time::sleep(Duration::from_secs(60)).await;
 
     // The admin view while they run: last and next fire, last outcome, counts.
     let list: Value = stack
@@ -152,7 +153,7 @@ async fn two_schedulers_fire_every_second_exactly_once() -> anyhow::Result<()> {
         "{hc}"
     );
     assert!(
-        hc["run_counts"]["succeeded"].as_i64().unwrap_or(0) >= 15,
+        hc["run_counts"]["succeeded"].as_i64().unwrap_or(0) >= 45,
         "{hc}"
     );
 
@@ -169,8 +170,8 @@ async fn two_schedulers_fire_every_second_exactly_once() -> anyhow::Result<()> {
 
     let runs = cron_runs(&stack, "health-check").await?;
     assert!(
-        runs.len() >= 18,
-        "expected a run for about every second of 25 s, got {}",
+        runs.len() >= 50,
+        "expected a run for about every second of 60 s, got {}",
         runs.len()
     );
     assert_every_second(&runs);
