@@ -278,8 +278,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         );
     } else {
         println!(
-            "pinq up: API on http://{} (health: /healthz)",
-            args.api_addr
+            "pinq up: API on http://{addr}, API docs on http://{addr}/docs (OpenAPI: /openapi.json), health on /healthz",
+            addr = args.api_addr
         );
     }
     println!(
