@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::auth::Caller;
-use crate::error::{ApiError, ApiResult, Problem};
+use crate::error::{ApiError, ApiResult, Problem, query_error};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -151,15 +151,7 @@ pub async fn health_history(
     query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<Value>> {
     require_admin(&caller)?;
-    let Query(q) = query.map_err(|e| {
-        ApiError::invalid(
-            format!("invalid query: {e}"),
-            vec![Problem::at(
-                "query",
-                "expected before (RFC 3339) and limit (1-1000)",
-            )],
-        )
-    })?;
+    let Query(q) = query.map_err(query_error)?;
     let h = health::backend_health(&state.pool, &name)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no backend named '{name}'")))?;

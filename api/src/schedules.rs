@@ -17,7 +17,7 @@ use serde_json::{Map, Value, json};
 use crate::AppState;
 use crate::auth::Caller;
 use crate::backends::require_admin;
-use crate::error::{ApiError, ApiResult, Problem};
+use crate::error::{ApiError, ApiResult, Problem, query_error};
 
 /// A schedule as the API shows it: its row, the next fire time computed from its
 /// expression, and its latest run.
@@ -162,15 +162,7 @@ pub async fn runs(
     query: Result<Query<RunsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<Value>> {
     require_admin(&caller)?;
-    let Query(q) = query.map_err(|e| {
-        ApiError::invalid(
-            format!("invalid query: {e}"),
-            vec![Problem::at(
-                "query",
-                "expected status, before (RFC 3339) and limit (1-1000)",
-            )],
-        )
-    })?;
+    let Query(q) = query.map_err(query_error)?;
     const STATUSES: [&str; 5] = ["pending", "running", "succeeded", "failed", "skipped"];
     if q.status.as_deref().is_some_and(|s| !STATUSES.contains(&s)) {
         return Err(ApiError::invalid(

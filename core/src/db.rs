@@ -564,7 +564,7 @@ pub async fn finish_job(
         .await?;
     }
     if *outcome == Outcome::Succeeded {
-        update_pin_index(&mut tx, job).await?;
+        update_pin_index(&mut tx, &[job]).await?;
     }
     tx.commit().await?;
     Ok(true)
@@ -616,53 +616,68 @@ pub async fn finish_succeeded(
         .copied()
         .filter(|j| written.contains(&j.id))
         .collect();
-    update_pin_index_bulk(&mut tx, &done).await?;
+    update_pin_index(&mut tx, &done).await?;
     tx.commit().await?;
     Ok(done.iter().map(|j| j.id).collect())
 }
 
-/// The pin-index changes of many successful jobs: upserts for what they pinned, deletes
-/// for what they unpinned. If two of them touch the same pin, they are applied one by one
-/// in order instead, so the last one wins as it would have alone.
-async fn update_pin_index_bulk(
+/// What one successful job changes in the pin index: the (backend, canonical CID) it
+/// pinned, and the one it unpinned.
+fn pin_changes(job: &ClaimedJob) -> PinChange {
+    let key = |cid: &str| canonical_of(cid).unwrap_or_else(|| cid.to_owned());
+    let op: Op = job.op.parse().unwrap_or(Op::Pin);
+    let pinned = matches!(op, Op::Pin | Op::Replace).then(|| (job.backend_id, key(&job.cid)));
+    let removed = match op {
+        Op::Unpin => Some(job.cid.as_str()),
+        Op::Replace => job.replaces_cid.as_deref().filter(|old| *old != job.cid),
+        Op::Pin => None,
+    };
+    (pinned, removed.map(|cid| (job.backend_id, key(cid))))
+}
+
+/// The pin-index changes of successful jobs: upserts for what they pinned, deletes for
+/// what they unpinned, a few statements whatever their number. If two of them touch the
+/// same pin, they are applied one job at a time in order instead, so the last one wins as
+/// it would have alone.
+async fn update_pin_index(
     conn: &mut PgConnection,
     jobs: &[&ClaimedJob],
 ) -> Result<(), sqlx::Error> {
-    let key = |cid: &str| canonical_of(cid).unwrap_or_else(|| cid.to_owned());
+    let changes: Vec<_> = jobs.iter().map(|j| pin_changes(j)).collect();
     let mut seen = std::collections::HashSet::new();
-    let mut upserts: Vec<(&ClaimedJob, String)> = Vec::new();
-    let mut deletes: Vec<(Uuid, String)> = Vec::new();
-    let mut conflict = false;
-    for job in jobs {
-        let op: Op = job.op.parse().unwrap_or(Op::Pin);
-        if matches!(op, Op::Pin | Op::Replace) {
-            let k = key(&job.cid);
-            conflict |= !seen.insert((job.backend_id, k.clone()));
-            upserts.push((job, k));
-        }
-        let removed = match op {
-            Op::Unpin => Some(job.cid.as_str()),
-            Op::Replace => job.replaces_cid.as_deref().filter(|old| *old != job.cid),
-            Op::Pin => None,
-        };
-        if let Some(cid) = removed {
-            let k = key(cid);
-            conflict |= !seen.insert((job.backend_id, k.clone()));
-            deletes.push((job.backend_id, k));
-        }
-    }
+    let conflict = changes
+        .iter()
+        .flat_map(|(p, r)| p.iter().chain(r.iter()))
+        .any(|k| !seen.insert(k.clone()));
     if conflict {
-        for job in jobs {
-            update_pin_index(conn, job).await?;
+        for (job, change) in jobs.iter().zip(&changes) {
+            apply_pin_changes(conn, &[(*job, change.clone())]).await?;
         }
         return Ok(());
     }
+    let all: Vec<_> = jobs.iter().copied().zip(changes).collect();
+    apply_pin_changes(conn, &all).await
+}
+
+type PinChange = (Option<(Uuid, String)>, Option<(Uuid, String)>);
+
+/// Writes pin-index changes whose keys are all distinct.
+async fn apply_pin_changes(
+    conn: &mut PgConnection,
+    changes: &[(&ClaimedJob, PinChange)],
+) -> Result<(), sqlx::Error> {
     // Sorted, so that two workers recording overlapping pins lock them in the same order.
-    upserts.sort_by(|a, b| (a.0.backend_id, &a.1).cmp(&(b.0.backend_id, &b.1)));
+    let mut upserts: Vec<(&ClaimedJob, &(Uuid, String))> = changes
+        .iter()
+        .filter_map(|(j, (p, _))| p.as_ref().map(|k| (*j, k)))
+        .collect();
+    upserts.sort_by(|a, b| a.1.cmp(b.1));
+    let mut deletes: Vec<(Uuid, String)> =
+        changes.iter().filter_map(|(_, (_, r))| r.clone()).collect();
     deletes.sort();
     if !upserts.is_empty() {
-        let backend_ids: Vec<Uuid> = upserts.iter().map(|(j, _)| j.backend_id).collect();
-        let cids: Vec<String> = upserts.iter().map(|(_, k)| k.clone()).collect();
+        let backend_ids: Vec<Uuid> = upserts.iter().map(|(_, k)| k.0).collect();
+        let cids: Vec<String> = upserts.iter().map(|(_, k)| k.1.clone()).collect();
         let owners: Vec<String> = upserts.iter().map(|(j, _)| j.owner.clone()).collect();
         let names: Vec<Option<String>> = upserts.iter().map(|(j, _)| j.name.clone()).collect();
         let job_ids: Vec<Uuid> = upserts.iter().map(|(j, _)| j.id).collect();
@@ -701,48 +716,6 @@ async fn update_pin_index_bulk(
         .bind(&cids)
         .execute(&mut *conn)
         .await?;
-    }
-    Ok(())
-}
-
-async fn update_pin_index(conn: &mut PgConnection, job: &ClaimedJob) -> Result<(), sqlx::Error> {
-    let pin = |cid: &str| canonical_of(cid).unwrap_or_else(|| cid.to_owned());
-    let op: Op = job.op.parse().unwrap_or(Op::Pin);
-    if matches!(op, Op::Pin | Op::Replace) {
-        sqlx::query(
-            "INSERT INTO pins (backend_id, cid, owner, name, job_id, status, pinned_at, verified_at)
-             VALUES ($1, $2, $3, $4, $5, 'pinned', now(), now())
-             ON CONFLICT (backend_id, cid) DO UPDATE
-             -- A pin another tenant already holds stays theirs: a second pin of the same
-             -- content does not take the index row over.
-             SET owner = CASE WHEN pins.status = 'pinned' AND pins.owner IS NOT NULL
-                              THEN pins.owner ELSE EXCLUDED.owner END,
-                 name = CASE WHEN pins.status = 'pinned' AND pins.owner IS NOT NULL
-                             AND pins.owner <> EXCLUDED.owner THEN pins.name ELSE EXCLUDED.name END,
-                 job_id = CASE WHEN pins.status = 'pinned' AND pins.owner IS NOT NULL
-                               AND pins.owner <> EXCLUDED.owner THEN pins.job_id ELSE EXCLUDED.job_id END,
-                 status = 'pinned', verified_at = now(), updated_at = now(),
-                 pinned_at = CASE WHEN pins.status = 'pinned' THEN pins.pinned_at ELSE now() END",
-        )
-        .bind(job.backend_id)
-        .bind(pin(&job.cid))
-        .bind(&job.owner)
-        .bind(&job.name)
-        .bind(job.id)
-        .execute(&mut *conn)
-        .await?;
-    }
-    let removed = match op {
-        Op::Unpin => Some(job.cid.as_str()),
-        Op::Replace => job.replaces_cid.as_deref().filter(|old| *old != job.cid),
-        Op::Pin => None,
-    };
-    if let Some(cid) = removed {
-        sqlx::query("DELETE FROM pins WHERE backend_id = $1 AND cid = $2")
-            .bind(job.backend_id)
-            .bind(pin(cid))
-            .execute(&mut *conn)
-            .await?;
     }
     Ok(())
 }
