@@ -145,7 +145,7 @@ pub async fn submit(
     for (seq, op) in request.ops.iter().enumerate() {
         for backend in &backends {
             jobs.push(NewJob {
-                id: Uuid::new_v4(),
+                id: Uuid::now_v7(),
                 seq: seq as i32,
                 backend_id: backend.id,
                 op: op.op,
@@ -157,7 +157,7 @@ pub async fn submit(
         }
     }
     let batch = NewBatch {
-        id: Uuid::new_v4(),
+        id: Uuid::now_v7(),
         owner: caller.owner.clone(),
         priority: request.priority,
         backends: backends.iter().map(|b| b.name.clone()).collect(),
@@ -166,10 +166,10 @@ pub async fn submit(
         jobs,
     };
     match db::insert_batch(&state.pool, &batch).await? {
-        Stored::Created { id, jobs } => {
-            let count = jobs.len() as i64;
+        Stored::Created { id, owed } => {
+            let count = owed.jobs.len() as i64;
             tracing::info!(batch_id = %id, jobs = count, priority = batch.priority.get(), "batch accepted");
-            dispatch(&state, jobs);
+            dispatch(&state, owed);
             Ok((StatusCode::ACCEPTED, Json(Submitted { id, jobs: count })))
         }
         Stored::Existing { id, job_count } => Ok((
@@ -182,27 +182,24 @@ pub async fn submit(
     }
 }
 
-/// Publishes freshly committed jobs in the background. Failure is logged, not returned:
-/// the jobs are safe in PostgreSQL and the relay publishes whatever stays undispatched.
-pub(crate) fn dispatch(state: &AppState, jobs: Vec<(Uuid, Priority)>) {
+/// Publishes freshly committed jobs in the background, then deletes their dispatch-outbox
+/// entry. Failure is logged, not returned: the jobs are safe in PostgreSQL, and the relay
+/// publishes an entry still there after its grace period.
+pub(crate) fn dispatch(state: &AppState, owed: db::Owed) {
     let publisher = state.publisher.clone();
     let pool = state.pool.clone();
     state.dispatches.spawn(async move {
-        for chunk in jobs.chunks(1000) {
-            match publisher.publish_jobs(chunk).await {
-                Ok(()) => {
-                    let ids: Vec<Uuid> = chunk.iter().map(|(id, _)| *id).collect();
-                    if let Err(e) = db::mark_dispatched(&pool, &ids).await {
-                        // The messages are out; the relay may publish duplicates, which
-                        // workers drop because claims are fenced.
-                        tracing::warn!(error = %e, "failed to mark jobs dispatched");
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, jobs = jobs.len(), "publish failed; the relay will dispatch these jobs");
-                    return;
-                }
+        // In slices, so that the publishes of concurrent batches take turns.
+        for chunk in owed.jobs.chunks(1000) {
+            if let Err(e) = publisher.publish_jobs(chunk).await {
+                tracing::warn!(error = %e, jobs = owed.jobs.len(), "publish failed; the relay will dispatch these jobs");
+                return;
             }
+        }
+        if let Err(e) = db::settle_dispatch(&pool, owed.entry).await {
+            // The messages are out; the relay publishes them again after its grace
+            // period, and workers drop the duplicates because claims are fenced.
+            tracing::warn!(error = %e, "failed to settle a dispatch-outbox entry");
         }
     });
 }
@@ -731,10 +728,10 @@ pub async fn retry_failed(
     db::get_batch(&state.pool, id, caller.owner_filter())
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no batch {id}")))?;
-    let jobs = db::redrive_failed(&state.pool, None, Some(id), caller.owner_filter()).await?;
-    let n = jobs.len();
-    if n > 0 {
-        dispatch(&state, jobs);
+    let owed = db::redrive_failed(&state.pool, None, Some(id), caller.owner_filter()).await?;
+    let n = owed.as_ref().map_or(0, |o| o.jobs.len());
+    if let Some(owed) = owed {
+        dispatch(&state, owed);
     }
     tracing::info!(batch_id = %id, jobs = n, "failed jobs re-driven");
     Ok((

@@ -56,8 +56,8 @@ pub async fn retry(
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let id = parse_id(&id, "job")?;
-    let jobs = db::redrive_failed(&state.pool, Some(id), None, caller.owner_filter()).await?;
-    if jobs.is_empty() {
+    let Some(owed) = db::redrive_failed(&state.pool, Some(id), None, caller.owner_filter()).await?
+    else {
         return match db::get_job(&state.pool, id, caller.owner_filter()).await? {
             None => Err(ApiError::NotFound(format!("no job {id}"))),
             Some(job) => Err(ApiError::Conflict(format!(
@@ -65,8 +65,8 @@ pub async fn retry(
                 job.state
             ))),
         };
-    }
-    crate::batches::dispatch(&state, jobs);
+    };
+    crate::batches::dispatch(&state, owed);
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({"id": id, "state": "queued"})),

@@ -610,11 +610,14 @@ pub async fn remove(
     Path(id): Path<String>,
 ) -> PsaResult<StatusCode> {
     let id = parse_requestid(&id)?;
-    let jobs = psa::delete_request(&state.pool, id, caller.owner_filter(), settings(&state))
+    let owed = psa::delete_request(&state.pool, id, caller.owner_filter(), settings(&state))
         .await?
         .ok_or_else(|| PsaError::not_found(format!("no pin request {id}")))?;
-    tracing::info!(requestid = %id, unpin_jobs = jobs.len(), "pin request deleted");
-    crate::batches::dispatch(&state, jobs);
+    let unpin_jobs = owed.as_ref().map_or(0, |o| o.jobs.len());
+    tracing::info!(requestid = %id, unpin_jobs, "pin request deleted");
+    if let Some(owed) = owed {
+        crate::batches::dispatch(&state, owed);
+    }
     Ok(StatusCode::ACCEPTED)
 }
 

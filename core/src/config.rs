@@ -122,7 +122,8 @@ pub struct PsaArgs {
 /// The worker's settings.
 #[derive(Debug, Clone, clap::Args)]
 pub struct WorkerArgs {
-    /// Jobs one worker process runs at once.
+    /// Backend calls one worker process runs at once. It may hold a few more jobs claimed
+    /// (two of its smallest claims, an eighth of this each), ready to start as calls end.
     #[arg(long, env = "PINQ_WORKER_CONCURRENCY", default_value_t = 32)]
     pub concurrency: usize,
     /// Unacknowledged messages the broker may hand this worker (0: twice the messages
@@ -170,12 +171,12 @@ pub struct SchedulerArgs {
     /// Most jobs the relay publishes in one transaction.
     #[arg(long, env = "PINQ_RELAY_BATCH", default_value_t = 1000)]
     pub relay_batch: i64,
-    /// How long a freshly queued job is left to the API's own publish before the relay
-    /// publishes it instead.
+    /// How long jobs the API committed are left to its own publish before the relay
+    /// publishes them instead (their dispatch-outbox entry is still there).
     #[arg(long, env = "PINQ_RELAY_GRACE_MS", default_value_t = 3000)]
     pub relay_grace_ms: u64,
-    /// A queued job whose message was confirmed this long ago without the job starting is
-    /// published again (safety net for a message lost in the broker; duplicates are
+    /// A job queued this long (since it was queued or last published) without starting
+    /// is published again (safety net for a message lost in the broker; duplicates are
     /// harmless because claims are fenced).
     #[arg(long, env = "PINQ_REDISPATCH_AFTER_SECS", default_value_t = 1800)]
     pub redispatch_after_secs: u64,

@@ -202,14 +202,21 @@ pub struct NewJob {
     pub meta: Value,
 }
 
+/// Jobs committed `queued` whose messages the committing process publishes itself right
+/// after the commit. `entry` is their `dispatch_outbox` row: [`settle_dispatch`] deletes it
+/// once the broker has confirmed every message; if that never happens, the relay publishes
+/// them after its grace period.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owed {
+    pub entry: i64,
+    pub jobs: Vec<(Uuid, Priority)>,
+}
+
 /// What storing a batch did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stored {
     /// The batch and its jobs were committed; their messages are still owed to the broker.
-    Created {
-        id: Uuid,
-        jobs: Vec<(Uuid, Priority)>,
-    },
+    Created { id: Uuid, owed: Owed },
     /// A batch with the same owner and idempotency key already exists; nothing was written.
     Existing { id: Uuid, job_count: i32 },
 }
@@ -250,6 +257,10 @@ pub async fn insert_batch(pool: &PgPool, batch: &NewBatch) -> Result<Stored, sql
         return Ok(Stored::Existing { id, job_count });
     }
 
+    let mut backends: Vec<Uuid> = batch.jobs.iter().map(|j| j.backend_id).collect();
+    backends.sort_unstable();
+    backends.dedup();
+    lock_backends(&mut tx, &backends).await?;
     let n = batch.jobs.len();
     let mut ids = Vec::with_capacity(n);
     let mut seqs = Vec::with_capacity(n);
@@ -295,11 +306,55 @@ pub async fn insert_batch(pool: &PgPool, batch: &NewBatch) -> Result<Stored, sql
     .bind(&metas)
     .execute(&mut *tx)
     .await?;
+    let entry = owe_dispatch(&mut tx, &ids, true).await?;
     tx.commit().await?;
     Ok(Stored::Created {
         id: batch.id,
-        jobs: ids.into_iter().map(|id| (id, batch.priority)).collect(),
+        owed: Owed {
+            entry,
+            jobs: ids.into_iter().map(|id| (id, batch.priority)).collect(),
+        },
     })
+}
+
+/// Locks the backends that jobs about to be inserted name, so none of them can be deleted
+/// before the transaction ends (`jobs` has no foreign key on them; see the migration that
+/// dropped it). Fails with a foreign-key violation (23503) if one no longer exists.
+pub async fn lock_backends(conn: &mut PgConnection, ids: &[Uuid]) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pinq_lock_backends($1)")
+        .bind(ids)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Records, in the caller's transaction, that messages are owed to the broker for these
+/// jobs, which the same transaction commits as `queued`. `self_publishing`: the caller
+/// publishes them itself right after the commit and then calls [`settle_dispatch`]; the
+/// relay only steps in after its grace period. Otherwise the relay publishes them on its
+/// next pass. Returns the entry's id.
+pub async fn owe_dispatch(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+    self_publishing: bool,
+) -> Result<i64, sqlx::Error> {
+    let (entry,): (i64,) = sqlx::query_as(
+        "INSERT INTO dispatch_outbox (job_ids, self_publishing) VALUES ($1, $2) RETURNING id",
+    )
+    .bind(ids)
+    .bind(self_publishing)
+    .fetch_one(conn)
+    .await?;
+    Ok(entry)
+}
+
+/// The broker confirmed every message of an outbox entry: nothing is owed any more.
+pub async fn settle_dispatch(pool: &PgPool, entry: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM dispatch_outbox WHERE id = $1")
+        .bind(entry)
+        .execute(pool)
+        .await?;
+    Ok(())
 }
 
 /// Of the given (backend, canonical CID) pairs, those the pin index holds for someone
@@ -324,20 +379,6 @@ pub async fn pins_not_owned_by(
     Ok(rows.into_iter().collect())
 }
 
-/// Records that the broker confirmed a message for each of these jobs.
-pub async fn mark_dispatched(pool: &PgPool, ids: &[Uuid]) -> Result<u64, sqlx::Error> {
-    let r = sqlx::query(
-        "UPDATE jobs SET dispatched_at = now()
-         WHERE id IN (SELECT id FROM jobs
-                      WHERE id = ANY($1) AND state = 'queued' AND dispatched_at IS NULL
-                      ORDER BY id FOR UPDATE)",
-    )
-    .bind(ids)
-    .execute(pool)
-    .await?;
-    Ok(r.rows_affected())
-}
-
 // ---------------------------------------------------------------------------------------
 // Worker side: claim, lease, outcome
 
@@ -358,6 +399,8 @@ pub struct ClaimedJob {
     pub backoff_base_ms: i32,
     pub backoff_factor: f64,
     pub backoff_max_ms: i32,
+    /// When this attempt started (the claim).
+    pub started_at: DateTime<Utc>,
 }
 
 impl ClaimedJob {
@@ -371,14 +414,15 @@ impl ClaimedJob {
     }
 }
 
-/// Atomically moves queued jobs to running under this worker's lease, bumps their
-/// attempt and opens each attempt's record, in one statement. Jobs that are not claimable
-/// (already running, finished, cancelled or unknown) are left out: their delivery was a
-/// duplicate. The claim waits for row locks rather than skipping locked rows: the API and
-/// the relay briefly lock queued jobs to record their dispatch, and skipping those would
-/// drop a good delivery. Rows are locked in id order, as the other hot-path writers
-/// of jobs do, so claims of overlapping messages queue behind each other instead of
-/// deadlocking.
+/// Atomically moves queued jobs to running under this worker's lease and bumps their
+/// attempt, in one statement. Jobs that are not claimable (already running, finished,
+/// cancelled or unknown) are left out: their delivery was a duplicate. The claim waits for
+/// row locks rather than skipping locked rows: a row locked by a writer that may leave it
+/// `queued` (the relay republishing a job that waited long, a cancel or a re-drive under
+/// way) must not cost a good delivery. Rows are locked in id order, as the other hot-path
+/// writers of jobs do, so claims of overlapping messages queue behind each other instead
+/// of deadlocking. The attempt's record is written when it ends (see [`finish_job`]);
+/// until then the job's row is the record of the running attempt.
 pub async fn claim_jobs(
     pool: &PgPool,
     job_ids: &[Uuid],
@@ -393,14 +437,11 @@ pub async fn claim_jobs(
              UPDATE jobs j
              SET state = 'running', attempt = j.attempt + 1, lease_owner = $2,
                  lease_until = now() + make_interval(secs => $3), started_at = now(),
-                 updated_at = now(), dispatched_at = coalesce(j.dispatched_at, now())
+                 updated_at = now()
              FROM target WHERE j.id = target.id
              RETURNING j.id, j.batch_id, j.backend_id, j.owner, j.op, j.cid, j.replaces_cid,
                        j.name, j.priority, j.attempt, j.max_attempts, j.backoff_base_ms,
-                       j.backoff_factor, j.backoff_max_ms
-         ), a AS (
-             INSERT INTO job_attempts (job_id, attempt, worker_id)
-             SELECT id, attempt, $2 FROM c
+                       j.backoff_factor, j.backoff_max_ms, j.started_at
          )
          SELECT * FROM c",
     )
@@ -491,9 +532,10 @@ pub enum Outcome {
     Cancelled,
 }
 
-/// Writes an attempt's outcome, fenced by (lease_owner, attempt). Returns `false` if the
-/// lease was no longer this worker's (nothing was written). On success the pin index is
-/// updated in the same transaction.
+/// Writes an attempt's outcome, fenced by (lease_owner, attempt), and the attempt's record.
+/// Returns `false` if the lease was no longer this worker's (nothing was written). On
+/// success the pin index is updated in the same transaction; a job handed back to the
+/// queue is owed a new message (the relay publishes it).
 pub async fn finish_job(
     pool: &PgPool,
     job: &ClaimedJob,
@@ -511,7 +553,7 @@ pub async fn finish_job(
             Outcome::Deferred { run_at } => ("retry_wait", "", None, Some(*run_at)),
             Outcome::Cancelled => ("cancelled", "cancelled", Some("cancelled by request"), None),
         };
-    let r = sqlx::query(
+    let state_now: Option<(String,)> = sqlx::query_as(
         // A job whose cancellation was requested while it ran ends `cancelled` instead of
         // going back to wait for another attempt.
         // The new state is computed from the row being updated (not from a snapshot), so a
@@ -523,14 +565,11 @@ pub async fn finish_job(
              attempt = CASE WHEN $7 THEN attempt - 1 ELSE attempt END,
              last_error = CASE WHEN $4 = 'succeeded' THEN NULL ELSE coalesce($5, last_error) END,
              run_at = coalesce($6, run_at),
-             -- Messages are acknowledged once their jobs are claimed, so a job that goes
-             -- back to waiting needs a new one: the relay publishes it.
-             dispatched_at = CASE WHEN $4 IN ('retry_wait', 'queued') AND NOT cancel_requested
-                                  THEN NULL ELSE dispatched_at END,
              finished_at = CASE WHEN $4 IN ('succeeded', 'failed', 'cancelled')
                                      OR (cancel_requested AND $4 IN ('retry_wait', 'queued'))
                                 THEN now() ELSE NULL END
-         WHERE id = $1 AND lease_owner = $2 AND attempt = $3 AND state = 'running'",
+         WHERE id = $1 AND lease_owner = $2 AND attempt = $3 AND state = 'running'
+         RETURNING state",
     )
     .bind(job.id)
     .bind(worker_id)
@@ -539,12 +578,14 @@ pub async fn finish_job(
     .bind(error)
     .bind(run_at)
     .bind(deferred)
-    .execute(&mut *tx)
+    .fetch_optional(&mut *tx)
     .await?;
-    if r.rows_affected() != 1 {
+    let Some((state_now,)) = state_now else {
         tx.rollback().await?;
         return Ok(false);
-    }
+    };
+    // A deferred attempt never called the backend: it is not recorded, and its number is
+    // given back above. (A record the claim opened under the old scheme is removed.)
     if deferred {
         sqlx::query("DELETE FROM job_attempts WHERE job_id = $1 AND attempt = $2")
             .bind(job.id)
@@ -552,16 +593,12 @@ pub async fn finish_job(
             .execute(&mut *tx)
             .await?;
     } else {
-        sqlx::query(
-            "UPDATE job_attempts SET finished_at = now(), outcome = $3, error = $4
-             WHERE job_id = $1 AND attempt = $2",
-        )
-        .bind(job.id)
-        .bind(job.attempt)
-        .bind(attempt_outcome)
-        .bind(error)
-        .execute(&mut *tx)
-        .await?;
+        record_attempts(&mut tx, &[job], worker_id, attempt_outcome, error).await?;
+    }
+    // Messages are acknowledged once their jobs are claimed, so a job handed back to the
+    // queue needs a new one. (Retries get theirs from the relay when they are due.)
+    if state_now == "queued" {
+        owe_dispatch(&mut tx, &[job.id], false).await?;
     }
     if *outcome == Outcome::Succeeded {
         update_pin_index(&mut tx, &[job]).await?;
@@ -593,17 +630,12 @@ pub async fn finish_succeeded(
                ON j.id = t.id AND j.attempt = t.attempt
              WHERE j.lease_owner = $3 AND j.state = 'running'
              ORDER BY j.id FOR UPDATE
-         ), done AS (
-             UPDATE jobs j
-             SET state = 'succeeded', lease_owner = NULL, lease_until = NULL, last_error = NULL,
-                 finished_at = now(), updated_at = now()
-             FROM locked WHERE j.id = locked.id
-             RETURNING j.id, j.attempt
-         ), a AS (
-             UPDATE job_attempts a SET finished_at = now(), outcome = 'succeeded'
-             FROM done WHERE a.job_id = done.id AND a.attempt = done.attempt
          )
-         SELECT id FROM done",
+         UPDATE jobs j
+         SET state = 'succeeded', lease_owner = NULL, lease_until = NULL, last_error = NULL,
+             finished_at = now(), updated_at = now()
+         FROM locked WHERE j.id = locked.id
+         RETURNING j.id",
     )
     .bind(&ids)
     .bind(&attempts)
@@ -616,9 +648,43 @@ pub async fn finish_succeeded(
         .copied()
         .filter(|j| written.contains(&j.id))
         .collect();
+    record_attempts(&mut tx, &done, worker_id, "succeeded", None).await?;
     update_pin_index(&mut tx, &done).await?;
     tx.commit().await?;
     Ok(done.iter().map(|j| j.id).collect())
+}
+
+/// Writes the records of attempts that just ended, one statement for all. A record the
+/// claim opened under the old scheme is closed in place.
+async fn record_attempts(
+    conn: &mut PgConnection,
+    jobs: &[&ClaimedJob],
+    worker_id: Uuid,
+    outcome: &str,
+    error: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = jobs.iter().map(|j| j.id).collect();
+    let attempts: Vec<i32> = jobs.iter().map(|j| j.attempt).collect();
+    let started: Vec<DateTime<Utc>> = jobs.iter().map(|j| j.started_at).collect();
+    sqlx::query(
+        "INSERT INTO job_attempts (job_id, attempt, worker_id, started_at, finished_at, outcome, error)
+         SELECT t.id, t.attempt, $4, t.started_at, now(), $5, $6
+         FROM UNNEST($1::uuid[], $2::int4[], $3::timestamptz[]) AS t(id, attempt, started_at)
+         ON CONFLICT (job_id, attempt) DO UPDATE
+         SET finished_at = EXCLUDED.finished_at, outcome = EXCLUDED.outcome, error = EXCLUDED.error",
+    )
+    .bind(&ids)
+    .bind(&attempts)
+    .bind(&started)
+    .bind(worker_id)
+    .bind(outcome)
+    .bind(error)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// What one successful job changes in the pin index: the (backend, canonical CID) it
@@ -730,49 +796,27 @@ pub struct DueJob {
     pub priority: i16,
 }
 
-/// Which of the relay's duties a pass performs.
+/// Which jobs a relay pass moves back to `queued` (and owes a message).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RelayScan {
-    /// Queued jobs the API committed but whose message it never got confirmed (after
-    /// `grace`), and queued jobs whose message was confirmed long ago (`redispatch_after`)
-    /// without the job starting.
-    Undispatched {
-        grace: Duration,
-        redispatch_after: Duration,
-    },
     /// Retries whose `run_at` has come.
     DueRetries,
     /// Running jobs whose lease expired: the worker is presumed dead.
     ExpiredLeases,
+    /// Jobs queued this long without starting: their message was published long ago, so
+    /// it may have been lost in the broker (a purged queue). They are published again;
+    /// duplicates are harmless because claims are fenced.
+    Stale { after: Duration },
 }
 
-/// Locks up to `limit` jobs that a relay pass must publish (`FOR UPDATE SKIP LOCKED`, so
-/// several relays share the work). See `pinq_scheduler::Relay` for what follows.
+/// Locks up to `limit` jobs of a relay scan (`FOR UPDATE SKIP LOCKED`, so several relays
+/// share the work). See `pinq_scheduler::Relay` for what follows.
 pub async fn relay_lock_due(
     conn: &mut PgConnection,
     scan: RelayScan,
     limit: i64,
 ) -> Result<Vec<DueJob>, sqlx::Error> {
     match scan {
-        RelayScan::Undispatched {
-            grace,
-            redispatch_after,
-        } => {
-            sqlx::query_as(
-                "SELECT id, priority FROM jobs
-                 WHERE state = 'queued'
-                   AND ((dispatched_at IS NULL AND updated_at < now() - make_interval(secs => $2))
-                        OR dispatched_at < now() - make_interval(secs => $3))
-                 ORDER BY priority DESC, updated_at
-                 LIMIT $1
-                 FOR UPDATE SKIP LOCKED",
-            )
-            .bind(limit)
-            .bind(grace.as_secs_f64())
-            .bind(redispatch_after.as_secs_f64())
-            .fetch_all(conn)
-            .await
-        }
         RelayScan::DueRetries => {
             sqlx::query_as(
                 "SELECT j.id, j.priority FROM jobs j
@@ -797,11 +841,26 @@ pub async fn relay_lock_due(
             .fetch_all(conn)
             .await
         }
+        RelayScan::Stale { after } => {
+            sqlx::query_as(
+                "SELECT id, priority FROM jobs
+                 WHERE state = 'queued' AND NOT cancel_requested
+                   AND updated_at < now() - make_interval(secs => $2)
+                 ORDER BY updated_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+            )
+            .bind(limit)
+            .bind(after.as_secs_f64())
+            .fetch_all(conn)
+            .await
+        }
     }
 }
 
-/// Moves due retries or jobs with an expired lease, locked by [`relay_lock_due`], back to
-/// `queued` and undispatched. The caller commits this before publishing their messages.
+/// Moves jobs locked by [`relay_lock_due`] (back) to `queued` and owes their messages in
+/// the dispatch outbox, in the caller's transaction. An expired lease's attempt is
+/// recorded as lost. The caller commits before anything is published: a claim never waits
+/// on a row whose committed state does not match, so a message that reached a worker
+/// before the commit would be dropped.
 pub async fn relay_requeue(
     conn: &mut PgConnection,
     scan: RelayScan,
@@ -809,36 +868,70 @@ pub async fn relay_requeue(
 ) -> Result<(), sqlx::Error> {
     if scan == RelayScan::ExpiredLeases {
         sqlx::query(
-            "UPDATE job_attempts a SET outcome = 'lost', finished_at = now(),
-                    error = 'lease expired: worker presumed dead'
-             FROM jobs j
-             WHERE j.id = ANY($1) AND a.job_id = j.id AND a.attempt = j.attempt
-               AND a.outcome IS NULL",
+            "INSERT INTO job_attempts (job_id, attempt, worker_id, started_at, finished_at, outcome, error)
+             SELECT id, attempt, lease_owner, coalesce(started_at, now()), now(), 'lost',
+                    'lease expired: worker presumed dead'
+             FROM jobs WHERE id = ANY($1) AND state = 'running'
+             ON CONFLICT (job_id, attempt) DO UPDATE
+             SET finished_at = EXCLUDED.finished_at, outcome = EXCLUDED.outcome, error = EXCLUDED.error
+             WHERE job_attempts.outcome IS NULL",
         )
         .bind(ids)
         .execute(&mut *conn)
         .await?;
     }
     sqlx::query(
-        "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_until = NULL,
-                dispatched_at = NULL, updated_at = now(),
+        "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_until = NULL, updated_at = now(),
                 last_error = CASE WHEN state = 'running'
                                   THEN 'lease expired: worker presumed dead' ELSE last_error END
          WHERE id = ANY($1)",
     )
     .bind(ids)
-    .execute(conn)
+    .execute(&mut *conn)
     .await?;
+    owe_dispatch(conn, ids, false).await?;
     Ok(())
 }
 
-/// Records that the broker confirmed messages for jobs the relay holds locked.
-pub async fn relay_mark_dispatched(
+/// Dispatch-outbox entries the relay publishes now: those nobody else is publishing, and
+/// those whose writer was to publish them itself but has not settled them within `grace`.
+/// Locked (`FOR UPDATE SKIP LOCKED`) until the caller's transaction ends, so two relays
+/// never publish the same entry at once. Returns the entries' ids and their jobs that are
+/// still `queued`, most urgent first.
+pub async fn relay_take_owed(
     conn: &mut PgConnection,
-    ids: &[Uuid],
-) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE jobs SET dispatched_at = now() WHERE id = ANY($1)")
-        .bind(ids)
+    grace: Duration,
+    limit: i64,
+) -> Result<(Vec<i64>, Vec<DueJob>), sqlx::Error> {
+    let entries: Vec<(i64,)> = sqlx::query_as(
+        "SELECT id FROM dispatch_outbox
+         WHERE NOT self_publishing OR created_at < now() - make_interval(secs => $2)
+         ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(limit)
+    .bind(grace.as_secs_f64())
+    .fetch_all(&mut *conn)
+    .await?;
+    let entries: Vec<i64> = entries.into_iter().map(|(id,)| id).collect();
+    if entries.is_empty() {
+        return Ok((entries, Vec::new()));
+    }
+    let jobs = sqlx::query_as(
+        "SELECT j.id, j.priority FROM jobs j
+         WHERE j.id IN (SELECT unnest(job_ids) FROM dispatch_outbox WHERE id = ANY($1))
+           AND j.state = 'queued'
+         ORDER BY j.priority DESC, j.id",
+    )
+    .bind(&entries)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok((entries, jobs))
+}
+
+/// Deletes outbox entries whose messages the broker has confirmed.
+pub async fn relay_settle(conn: &mut PgConnection, entries: &[i64]) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM dispatch_outbox WHERE id = ANY($1)")
+        .bind(entries)
         .execute(conn)
         .await?;
     Ok(())
@@ -951,7 +1044,6 @@ pub struct JobRow {
     pub attempt: i32,
     pub max_attempts: i32,
     pub run_at: DateTime<Utc>,
-    pub dispatched_at: Option<DateTime<Utc>>,
     pub lease_owner: Option<Uuid>,
     pub lease_until: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
@@ -961,9 +1053,10 @@ pub struct JobRow {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
-const JOB_COLUMNS: &str = "j.id, j.batch_id, j.seq, j.owner, b.name AS backend, j.op, j.cid,
+pub(crate) const JOB_COLUMNS: &str =
+    "j.id, j.batch_id, j.seq, j.owner, b.name AS backend, j.op, j.cid,
     j.replaces_cid, j.name, j.meta, j.priority, j.state, j.attempt, j.max_attempts, j.run_at,
-    j.dispatched_at, j.lease_owner, j.lease_until, j.last_error, j.created_at, j.updated_at,
+    j.lease_owner, j.lease_until, j.last_error, j.created_at, j.updated_at,
     j.started_at, j.finished_at";
 
 /// One page of a batch's jobs in submission order, after the cursor `(seq, id)`.
@@ -1017,10 +1110,17 @@ pub struct AttemptRow {
     pub error: Option<String>,
 }
 
+/// A job's attempts, the running one (which has no record until it ends) included.
 pub async fn job_attempts(pool: &PgPool, job_id: Uuid) -> Result<Vec<AttemptRow>, sqlx::Error> {
     sqlx::query_as(
         "SELECT attempt, worker_id, started_at, finished_at, outcome, error
-         FROM job_attempts WHERE job_id = $1 ORDER BY attempt",
+         FROM job_attempts WHERE job_id = $1
+         UNION ALL
+         SELECT j.attempt, j.lease_owner, j.started_at, NULL, NULL, NULL FROM jobs j
+         WHERE j.id = $1 AND j.state = 'running'
+           AND NOT EXISTS (SELECT 1 FROM job_attempts a
+                           WHERE a.job_id = j.id AND a.attempt = j.attempt)
+         ORDER BY attempt",
     )
     .bind(job_id)
     .fetch_all(pool)
@@ -1151,13 +1251,15 @@ pub async fn cancel_batch(pool: &PgPool, batch_id: Uuid) -> Result<BatchCancel, 
 
 /// Re-drives failed (dead-lettered) jobs: back to `queued` with a fresh attempt budget (the
 /// batch's `max_attempts` more attempts). Either one job (`job`) or all failed jobs of a
-/// batch (`batch`), limited to `owner`'s. Returns the jobs to publish.
+/// batch (`batch`), limited to `owner`'s. Returns the jobs to publish (`None`: nothing was
+/// failed).
 pub async fn redrive_failed(
     pool: &PgPool,
     job: Option<Uuid>,
     batch: Option<Uuid>,
     owner: Option<&str>,
-) -> Result<Vec<(Uuid, Priority)>, sqlx::Error> {
+) -> Result<Option<Owed>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
     let rows: Vec<(Uuid, i16)> = sqlx::query_as(
         "WITH target AS (
              SELECT j.id, coalesce((b.retry->>'max_attempts')::int, j.max_attempts) AS budget
@@ -1169,7 +1271,7 @@ pub async fn redrive_failed(
              ORDER BY j.id FOR UPDATE OF j
          )
          UPDATE jobs j
-         SET state = 'queued', dispatched_at = NULL, finished_at = NULL, cancel_requested = false,
+         SET state = 'queued', finished_at = NULL, cancel_requested = false,
              max_attempts = j.attempt + target.budget, run_at = now(), updated_at = now()
          FROM target
          WHERE j.id = target.id AND j.state = 'failed'
@@ -1178,12 +1280,22 @@ pub async fn redrive_failed(
     .bind(job)
     .bind(batch)
     .bind(owner)
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(id, p)| (id, Priority::new(i64::from(p)).unwrap_or_default()))
-        .collect())
+    if rows.is_empty() {
+        tx.rollback().await?;
+        return Ok(None);
+    }
+    let ids: Vec<Uuid> = rows.iter().map(|(id, _)| *id).collect();
+    let entry = owe_dispatch(&mut tx, &ids, true).await?;
+    tx.commit().await?;
+    Ok(Some(Owed {
+        entry,
+        jobs: rows
+            .into_iter()
+            .map(|(id, p)| (id, Priority::new(i64::from(p)).unwrap_or_default()))
+            .collect(),
+    }))
 }
 
 // ---------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 use sqlx::{FromRow, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use crate::db::Backend;
+use crate::db::{self, Backend};
 use crate::model::{Op, Priority, UnknownVariant};
 use crate::retry::RetryPolicy;
 
@@ -245,8 +245,8 @@ pub struct JobSettings {
     pub retry: RetryPolicy,
 }
 
-/// Jobs committed and owed to the broker.
-pub type Dispatch = Vec<(Uuid, Priority)>;
+/// Jobs committed and owed to the broker, for the caller to publish.
+pub type Dispatch = db::Owed;
 
 async fn lock_cid(tx: &mut Transaction<'_, Postgres>, canonical: &str) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('pinq-psa:' || $1, 0))")
@@ -273,7 +273,7 @@ async fn insert_batch_tx(
     name: Option<&str>,
     meta: &Map<String, Value>,
 ) -> Result<(Uuid, Dispatch), sqlx::Error> {
-    let batch_id = Uuid::new_v4();
+    let batch_id = Uuid::now_v7();
     let retry = settings.retry;
     let retry_json = serde_json::json!({
         "max_attempts": retry.max_attempts,
@@ -294,10 +294,12 @@ async fn insert_batch_tx(
     .bind(jobs.len() as i32)
     .execute(&mut **tx)
     .await?;
+    let backend_ids: Vec<Uuid> = jobs.iter().map(|j| j.backend.id).collect();
+    db::lock_backends(tx, &backend_ids).await?;
     let mut out = Vec::with_capacity(jobs.len());
     let meta = Value::Object(meta.clone());
     for j in jobs {
-        let id = Uuid::new_v4();
+        let id = Uuid::now_v7();
         sqlx::query(
             "INSERT INTO jobs (id, batch_id, seq, owner, backend_id, op, cid, replaces_cid, name,
                                meta, priority, max_attempts, backoff_base_ms, backoff_factor,
@@ -322,7 +324,9 @@ async fn insert_batch_tx(
         .await?;
         out.push((id, settings.priority));
     }
-    Ok((batch_id, out))
+    let ids: Vec<Uuid> = out.iter().map(|(id, _)| *id).collect();
+    let entry = db::owe_dispatch(tx, &ids, true).await?;
+    Ok((batch_id, db::Owed { entry, jobs: out }))
 }
 
 /// Inserts the request row; `created` is unique, so a collision is retried with a fresh
@@ -579,13 +583,14 @@ async fn backends_named(
 }
 
 /// Deletes a live request: stops its jobs, and unpins its CID from each of its backends
-/// where no other live request holds it. `None`: no such request for this owner.
+/// where no other live request holds it. `None`: no such request for this owner;
+/// `Some(None)`: deleted, nothing to unpin.
 pub async fn delete_request(
     pool: &PgPool,
     id: Uuid,
     owner: Option<&str>,
     settings: JobSettings,
-) -> Result<Option<Dispatch>, sqlx::Error> {
+) -> Result<Option<Option<Dispatch>>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let Some(old) = take_request(&mut tx, id, owner).await? else {
         return Ok(None);
@@ -600,7 +605,7 @@ pub async fn delete_request(
         .cloned()
         .collect();
     let backends = backends_named(&mut tx, &release).await?;
-    let mut dispatch = Vec::new();
+    let mut dispatch = None;
     if !backends.is_empty() {
         let specs: Vec<JobSpec> = backends
             .iter()
@@ -613,7 +618,7 @@ pub async fn delete_request(
             .collect();
         let (_, jobs) =
             insert_batch_tx(&mut tx, &old.owner, settings, &specs, None, &Map::new()).await?;
-        dispatch = jobs;
+        dispatch = Some(jobs);
     }
     tx.commit().await?;
     Ok(Some(dispatch))

@@ -104,10 +104,7 @@ pub struct JobFilter {
     pub limit: i64,
 }
 
-const JOB_COLUMNS: &str = "j.id, j.batch_id, j.seq, j.owner, b.name AS backend, j.op, j.cid,
-    j.replaces_cid, j.name, j.meta, j.priority, j.state, j.attempt, j.max_attempts, j.run_at,
-    j.dispatched_at, j.lease_owner, j.lease_until, j.last_error, j.created_at, j.updated_at,
-    j.started_at, j.finished_at";
+use crate::db::JOB_COLUMNS;
 
 /// Jobs matching the filter, newest first.
 pub async fn list_jobs(pool: &PgPool, f: &JobFilter) -> Result<Vec<JobRow>, sqlx::Error> {

@@ -102,14 +102,15 @@ impl Relay {
         }
     }
 
-    /// One pass over the three scans; returns the most jobs any one scan published.
+    /// One pass: reap silent workers, move due retries, expired leases and stale queued
+    /// jobs back to `queued` (each scan owing their messages in the dispatch outbox), then
+    /// publish what the outbox holds. Returns the most jobs any one step handled.
     pub async fn pass(&self) -> anyhow::Result<usize> {
         let scans = [
             RelayScan::ExpiredLeases,
             RelayScan::DueRetries,
-            RelayScan::Undispatched {
-                grace: Duration::from_millis(self.settings.relay_grace_ms),
-                redispatch_after: Duration::from_secs(self.settings.redispatch_after_secs),
+            RelayScan::Stale {
+                after: Duration::from_secs(self.settings.redispatch_after_secs),
             },
         ];
         let stale = Duration::from_secs(self.settings.worker_stale_secs.max(1));
@@ -123,25 +124,48 @@ impl Relay {
         }
         let mut most = 0;
         for scan in scans {
-            most = most.max(self.publish_due(scan).await?);
+            most = most.max(self.requeue(scan).await?);
         }
-        Ok(most)
+        Ok(most.max(self.publish_owed().await?))
     }
 
-    /// Publishes one scan's due jobs with confirms and marks them dispatched.
-    ///
-    /// Undispatched jobs are already `queued`: they are locked, published and marked in one
-    /// transaction (a worker whose claim meets the lock waits for the commit, then claims).
-    /// Due retries and expired leases first move to `queued` in a transaction of their
-    /// own, committed before anything is published: a claim never waits on a row whose
-    /// committed state does not match, so a message published before that commit could
-    /// reach a worker that still sees `retry_wait` or `running` and drops it. If the
-    /// publish then fails, they are plain undispatched jobs and the third scan publishes
-    /// them after the grace period.
-    async fn publish_due(&self, scan: RelayScan) -> anyhow::Result<usize> {
+    /// Moves one scan's jobs back to `queued` and owes their messages, in one transaction
+    /// committed before anything is published: a claim never waits on a row whose committed
+    /// state does not match, so a message published before that commit could reach a
+    /// worker that still sees `retry_wait` or `running` and drops it.
+    async fn requeue(&self, scan: RelayScan) -> anyhow::Result<usize> {
         let mut tx = self.pool.begin().await?;
         let due = db::relay_lock_due(&mut tx, scan, self.settings.relay_batch).await?;
         if due.is_empty() {
+            tx.rollback().await?;
+            return Ok(0);
+        }
+        let ids: Vec<Uuid> = due.iter().map(|j| j.id).collect();
+        db::relay_requeue(&mut tx, scan, &ids).await?;
+        tx.commit().await?;
+        match scan {
+            RelayScan::ExpiredLeases => {
+                tracing::warn!(jobs = ids.len(), "requeued jobs whose lease expired")
+            }
+            RelayScan::DueRetries => tracing::info!(jobs = ids.len(), "requeued due retries"),
+            RelayScan::Stale { .. } => {
+                tracing::warn!(
+                    jobs = ids.len(),
+                    "queued jobs never started; publishing them again"
+                )
+            }
+        }
+        Ok(ids.len())
+    }
+
+    /// Publishes the dispatch outbox's due entries with confirms and deletes them, in one
+    /// transaction holding the entries locked (so two relays never publish one entry at
+    /// once). If the publish fails, the entries stay for the next pass.
+    async fn publish_owed(&self) -> anyhow::Result<usize> {
+        let grace = Duration::from_millis(self.settings.relay_grace_ms);
+        let mut tx = self.pool.begin().await?;
+        let (entries, due) = db::relay_take_owed(&mut tx, grace, OUTBOX_ENTRIES_PER_PASS).await?;
+        if entries.is_empty() {
             tx.rollback().await?;
             return Ok(0);
         }
@@ -154,29 +178,30 @@ impl Relay {
                 )
             })
             .collect();
-        let ids: Vec<Uuid> = jobs.iter().map(|(id, _)| *id).collect();
-        if matches!(scan, RelayScan::Undispatched { .. }) {
-            self.publisher.publish_jobs(&jobs).await?;
-            db::relay_mark_dispatched(&mut tx, &ids).await?;
-            tx.commit().await?;
+        for chunk in jobs.chunks(self.settings.relay_batch.max(1) as usize) {
+            self.publisher.publish_jobs(chunk).await?;
+        }
+        db::relay_settle(&mut tx, &entries).await?;
+        tx.commit().await?;
+        if !jobs.is_empty() {
+            tracing::info!(
+                jobs = jobs.len(),
+                entries = entries.len(),
+                "published owed jobs"
+            );
+        }
+        // A full take means more is probably waiting: report it as a full pass.
+        Ok(if entries.len() as i64 >= OUTBOX_ENTRIES_PER_PASS {
+            self.settings.relay_batch.max(1) as usize
         } else {
-            db::relay_requeue(&mut tx, scan, &ids).await?;
-            tx.commit().await?;
-            self.publisher.publish_jobs(&jobs).await?;
-            db::mark_dispatched(&self.pool, &ids).await?;
-        }
-        match scan {
-            RelayScan::ExpiredLeases => {
-                tracing::warn!(jobs = ids.len(), "requeued jobs whose lease expired")
-            }
-            RelayScan::DueRetries => tracing::info!(jobs = ids.len(), "published due retries"),
-            RelayScan::Undispatched { .. } => {
-                tracing::info!(jobs = ids.len(), "published undispatched jobs")
-            }
-        }
-        Ok(ids.len())
+            jobs.len()
+        })
     }
 }
+
+/// Most dispatch-outbox entries one relay transaction publishes (an entry names one
+/// requeue, one batch or one hand-back).
+const OUTBOX_ENTRIES_PER_PASS: i64 = 64;
 
 fn failure_backoff() -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()

@@ -289,6 +289,11 @@ pub struct IpfsNode {
 }
 
 impl IpfsNode {
+    /// The node's process id, while it runs.
+    pub fn pid(&self) -> Option<i32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
     pub async fn start(dir: &Path) -> anyhow::Result<IpfsNode> {
         let repo = dir.join("ipfs-repo");
         // Port 0 on the first start: the OS picks a free port and the node prints it, so

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use lapin::BasicProperties;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOptions};
 use pinq_core::amqp::JobMessage;
 use pinq_core::cid::canonical_of;
 use pinq_e2e::{FaultProxy, Stack, unique_contents};
@@ -242,11 +242,13 @@ async fn a_duplicate_delivery_does_not_run_the_job_twice() -> anyhow::Result<()>
     // Wait for the regular message to be confirmed, then put two more copies beside it.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let (dispatched,): (bool,) =
-            sqlx::query_as("SELECT dispatched_at IS NOT NULL FROM jobs WHERE id = $1")
-                .bind(job_id)
-                .fetch_one(&stack.db.pool)
-                .await?;
+        // Its dispatch-outbox entry goes once the broker has confirmed the message.
+        let (dispatched,): (bool,) = sqlx::query_as(
+            "SELECT NOT EXISTS (SELECT 1 FROM dispatch_outbox WHERE $1 = ANY(job_ids))",
+        )
+        .bind(job_id)
+        .fetch_one(&stack.db.pool)
+        .await?;
         if dispatched {
             break;
         }
@@ -303,6 +305,127 @@ async fn a_duplicate_delivery_does_not_run_the_job_twice() -> anyhow::Result<()>
             .await?;
     assert_eq!(attempt_rows, 1, "one attempt recorded");
     let _ = conn.close(200, "bye".into()).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_message_was_lost_in_the_broker_is_published_again() -> anyhow::Result<()> {
+    let mut stack = Stack::new().await?;
+    stack.env = vec![("PINQ_REDISPATCH_AFTER_SECS".into(), "3".into())];
+    stack.start_ipfs().await?;
+    stack.start_api().await?;
+    stack.register_ipfs_backend("local").await?;
+    stack.start_scheduler()?;
+    let cids = stack.ipfs().add_unpinned(&unique_contents(3)).await?;
+    let batch = stack
+        .submit_ok(&json!({"ops": pin_ops(&cids, "pin")}))
+        .await?;
+    // Published and confirmed: nothing is owed any more.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (owed,): (i64,) = sqlx::query_as("SELECT count(*) FROM dispatch_outbox")
+            .fetch_one(&stack.db.pool)
+            .await?;
+        if owed == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never published");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // An operator purges the queue: the messages are gone, the jobs still queued.
+    let (conn, ch) = stack.amqp_channel().await?;
+    let purged = ch
+        .queue_purge(stack.queue.as_str().into(), QueuePurgeOptions::default())
+        .await?;
+    assert!(purged >= 1, "the batch's message was in the queue");
+    let _ = conn.close(200, "bye".into()).await;
+    let purged_at = std::time::Instant::now();
+
+    stack.start_worker()?;
+    let done = stack.wait_done(batch, Duration::from_secs(60)).await?;
+    assert_eq!(done["counts"]["succeeded"], 3, "{done}");
+    let took = purged_at.elapsed();
+    println!(
+        "republished and done {} ms after the purge",
+        took.as_millis()
+    );
+    assert!(
+        took >= Duration::from_secs(2),
+        "nothing could run before the relay published the jobs again ({took:?})"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_of_jobs_cannot_name_a_missing_backend() -> anyhow::Result<()> {
+    // `jobs` has no foreign key on `backends`; every writer of jobs locks the backends it
+    // names through this function instead, which fails like the foreign key did.
+    let mut stack = Stack::new().await?;
+    stack.start_ipfs().await?;
+    stack.start_api().await?;
+    stack.register_ipfs_backend("local").await?;
+    let (local,): (Uuid,) = sqlx::query_as("SELECT id FROM backends WHERE name = 'local'")
+        .fetch_one(&stack.db.pool)
+        .await?;
+    sqlx::query("SELECT pinq_lock_backends($1)")
+        .bind(vec![local, local])
+        .execute(&stack.db.pool)
+        .await?;
+    let err = sqlx::query("SELECT pinq_lock_backends($1)")
+        .bind(vec![local, Uuid::now_v7()])
+        .execute(&stack.db.pool)
+        .await
+        .expect_err("a missing backend is refused");
+    let code = err
+        .as_database_error()
+        .and_then(|e| e.code())
+        .map(|c| c.into_owned());
+    assert_eq!(code.as_deref(), Some("23503"), "{err}");
+
+    // While a batch's transaction holds the lock, the backend cannot be deleted; once it
+    // committed, the deletion sees the new job and refuses.
+    let mut tx = stack.db.pool.begin().await?;
+    sqlx::query("SELECT pinq_lock_backends($1)")
+        .bind(vec![local])
+        .execute(&mut *tx)
+        .await?;
+    let delete = {
+        let (http, url) = (stack.http.clone(), stack.api_url.clone());
+        tokio::spawn(async move {
+            http.delete(format!("{url}/v1/backends/local"))
+                .bearer_auth(pinq_e2e::TOKEN)
+                .send()
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!delete.is_finished(), "the deletion waits for the lock");
+    let batch = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO batches (id, owner, priority, backends, retry, job_count)
+         VALUES ($1, 'admin', 5, '{local}', '{}', 1)",
+    )
+    .bind(batch)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO jobs (id, batch_id, seq, owner, backend_id, op, cid, priority,
+                           max_attempts, backoff_base_ms, backoff_factor, backoff_max_ms)
+         VALUES ($1, $2, 0, 'admin', $3, 'pin', 'bafkqaaa', 5, 1, 100, 2, 1000)",
+    )
+    .bind(Uuid::now_v7())
+    .bind(batch)
+    .bind(local)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    let resp = delete.await??;
+    assert_eq!(resp.status(), 409, "a backend with a queued job is kept");
+    let (still,): (i64,) = sqlx::query_as("SELECT count(*) FROM backends WHERE id = $1")
+        .bind(local)
+        .fetch_one(&stack.db.pool)
+        .await?;
+    assert_eq!(still, 1);
     Ok(())
 }
 
@@ -370,10 +493,13 @@ async fn a_batch_submitted_while_the_broker_is_unreachable_finishes_when_it_retu
     let b = stack.batch(id).await?;
     assert_eq!(b["counts"]["queued"], 30, "accepted and waiting: {b}");
     let (undispatched,): (i64,) =
-        sqlx::query_as("SELECT count(*) FROM jobs WHERE dispatched_at IS NULL")
+        sqlx::query_as("SELECT count(DISTINCT j) FROM dispatch_outbox o, unnest(o.job_ids) AS j")
             .fetch_one(&stack.db.pool)
             .await?;
-    assert_eq!(undispatched, 30, "no message could be published");
+    assert_eq!(
+        undispatched, 30,
+        "no message could be published: all still owed"
+    );
 
     proxy.restore();
     let done = stack.wait_done(id, Duration::from_secs(90)).await?;

@@ -58,6 +58,22 @@ const MIN_UNREACHABLE_DEFER: Duration = Duration::from_millis(250);
 /// Longest pause between lease extensions (they also carry cancel requests).
 const MAX_LEASE_TICK: Duration = Duration::from_secs(5);
 
+/// A saturated worker claims once at least 1/CLAIM_SHARE of its slots are free.
+const CLAIM_SHARE: usize = 8;
+
+/// The smallest claim of a saturated worker.
+fn claim_least(concurrency: usize) -> usize {
+    concurrency.max(1).div_ceil(CLAIM_SHARE)
+}
+
+/// How many jobs beyond its concurrency a worker may hold claimed, waiting for a backend
+/// call to end: two of its smallest claims. The next claim then runs while the jobs
+/// claimed before it still keep every call busy, so the backends never wait for the
+/// worker's round trip to PostgreSQL. Such a job waits milliseconds, well inside its lease.
+fn claim_headroom(concurrency: usize) -> usize {
+    2 * claim_least(concurrency)
+}
+
 /// Most successful jobs written in one transaction.
 const MAX_COMPLETION_GROUP: usize = 1024;
 
@@ -68,8 +84,11 @@ struct Ctx {
     http: reqwest::Client,
     backends: RwLock<HashMap<Uuid, (tokio::time::Instant, Backend)>>,
     in_flight: AtomicUsize,
-    /// One permit per job that may run at once.
+    /// One permit per job claimed and not yet done calling its backend: the concurrency
+    /// plus a small headroom (see [`claim_headroom`]).
     permits: Arc<Semaphore>,
+    /// One permit per backend call in flight: the concurrency.
+    calls: Semaphore,
     /// Successful jobs on their way to the completer.
     completions: mpsc::Sender<Completion>,
     /// Cancelled when the grace period after SIGTERM is over: running jobs are handed back.
@@ -106,7 +125,9 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     tracing::info!(worker_id = %id, concurrency = args.worker.concurrency, prefetch = args.worker.effective_prefetch(args.services.message_jobs), "pinq-worker started");
     println!("pinq-worker {id} started");
 
-    let (completions, completion_rx) = mpsc::channel(MAX_COMPLETION_GROUP * 4);
+    // Successes waiting to be written hold no slot, so this bounds them: at most as many
+    // as the worker runs at once, beside the group being written.
+    let (completions, completion_rx) = mpsc::channel(args.worker.concurrency.max(16));
     let completer = tokio::spawn(completer_loop(
         pool.clone(),
         id,
@@ -120,7 +141,10 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         http: KuboClient::http_client(),
         backends: RwLock::new(HashMap::new()),
         in_flight: AtomicUsize::new(0),
-        permits: Arc::new(Semaphore::new(args.worker.concurrency.max(1))),
+        permits: Arc::new(Semaphore::new(
+            args.worker.concurrency.max(1) + claim_headroom(args.worker.concurrency),
+        )),
+        calls: Semaphore::new(args.worker.concurrency.max(1)),
         completions,
         abandon: CancellationToken::new(),
         tasks: TaskTracker::new(),
@@ -266,14 +290,22 @@ async fn handle_delivery(ctx: Arc<Ctx>, delivery: Delivery) {
             return;
         }
     };
-    // Claim only what can start now, so claimed jobs never wait for a slot while their
-    // leases run: wait for one free slot, take whatever other slots are free at this
-    // moment, claim that many of the message's jobs and start them, and repeat until the
-    // whole message is claimed. Slow pins elsewhere never hold a message back for long.
+    // Claim only what can start within moments, so claimed jobs never sit waiting while
+    // their leases run. A slot is a job claimed and not yet done calling its backend; there
+    // are as many as the concurrency plus a small headroom (`claim_headroom`), so the next
+    // claim overlaps the calls in flight. Wait until an eighth of the concurrency in slots
+    // is free (or as many as the message has jobs left, if fewer), take whatever other
+    // slots are free at that moment, claim that many of the message's jobs in one
+    // statement and start them, and repeat until the whole message is claimed. Waiting for
+    // a share of the slots rather than for one keeps claims (and their commits) few and
+    // large when the worker is saturated; when it is not, the slots are free and nothing
+    // waits. The semaphore is fair, so a message is never starved by others.
     let mut rest: &[Uuid] = &message.jobs;
+    let least = claim_least(ctx.args.concurrency);
     while !rest.is_empty() {
+        let want = u32::try_from(rest.len().min(least)).unwrap_or(u32::MAX);
         let permit = tokio::select! {
-            p = ctx.permits.clone().acquire_owned() => p.ok(),
+            p = ctx.permits.clone().acquire_many_owned(want) => p.ok(),
             _ = ctx.stopping.cancelled() => None,
         };
         let Some(mut permit) = permit else {
@@ -342,7 +374,8 @@ struct JobSignals {
     cancel: CancellationToken,
 }
 
-/// Runs claimed jobs concurrently, each holding one permit, under one lease keeper.
+/// Runs claimed jobs concurrently, each holding one permit while it calls its backend,
+/// under one lease keeper.
 async fn run_group(ctx: Arc<Ctx>, jobs: Vec<ClaimedJob>, mut permit: OwnedSemaphorePermit) {
     let lease = Duration::from_secs(ctx.args.lease_secs.max(3));
     ctx.in_flight.fetch_add(jobs.len(), Ordering::Relaxed);
@@ -367,19 +400,27 @@ async fn run_group(ctx: Arc<Ctx>, jobs: Vec<ClaimedJob>, mut permit: OwnedSemaph
         let running = running.clone();
         let ctx = &ctx;
         runs.push(async move {
-            run_job(ctx, &job, &sig).await;
+            run_job(ctx, &job, &sig, one).await;
             if let Ok(mut r) = running.lock() {
                 r.remove(&job.id);
             }
             ctx.in_flight.fetch_sub(1, Ordering::Relaxed);
-            drop(one);
         });
     }
     futures::future::join_all(runs).await;
     keeper.abort();
 }
 
-async fn run_job(ctx: &Ctx, job: &ClaimedJob, sig: &JobSignals) {
+/// Runs one job and records its outcome. `slot` is its share of the worker's concurrency:
+/// a success gives it back as soon as the completer has the job, so the next job starts
+/// while the outcome is being written (the completer's bounded channel holds the worker
+/// back if writing falls behind; the lease is still kept until the write is done).
+async fn run_job(
+    ctx: &Ctx,
+    job: &ClaimedJob,
+    sig: &JobSignals,
+    slot: Option<OwnedSemaphorePermit>,
+) {
     // A backend the health checks hold down is not called: the job waits without spending
     // an attempt, and the worker moves on to jobs for healthy backends.
     let backend = match backend(ctx, job.backend_id).await {
@@ -395,7 +436,10 @@ async fn run_job(ctx: &Ctx, job: &ClaimedJob, sig: &JobSignals) {
 
     let started = tokio::time::Instant::now();
     let result = tokio::select! {
-        r = execute(ctx, job, backend) => r,
+        r = async {
+            let _call = ctx.calls.acquire().await;
+            execute(ctx, job, backend).await
+        } => r,
         _ = sig.lost.cancelled() => {
             tracing::warn!(job_id = %job.id, "lease lost while running; result discarded");
             return;
@@ -424,6 +468,7 @@ async fn run_job(ctx: &Ctx, job: &ClaimedJob, sig: &JobSignals) {
                 tracing::error!(job_id = %job.id, "completer gone; the lease will expire and the job will run again");
                 return;
             }
+            drop(slot);
             if !answer.await.unwrap_or(false) {
                 tracing::warn!(job_id = %job.id, "lease no longer ours; outcome not recorded");
             }

@@ -18,6 +18,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
 use pinq_core::cid::canonical_of;
+use pinq_core::db;
 use pinq_core::kubo::KuboClient;
 use serde_json::{Map, Value, json};
 use sqlx::{FromRow, PgConnection};
@@ -313,7 +314,7 @@ struct MissingPin {
 }
 
 /// Creates repair pin jobs for missing pins without a pending job, a chunk per
-/// transaction: one batch per owner and retry policy, jobs left undispatched for the relay.
+/// transaction: one batch per owner and retry policy, their messages owed in the dispatch outbox for the relay.
 async fn repair(
     ctx: &TaskCtx,
     conn: &mut PgConnection,
@@ -364,7 +365,7 @@ async fn repair(
         }
         for ((owner, max_attempts, base_ms, factor_bits, max_ms), pins) in groups {
             let factor = f64::from_bits(factor_bits);
-            let batch_id = Uuid::new_v4();
+            let batch_id = Uuid::now_v7();
             let retry = json!({
                 "max_attempts": max_attempts, "base_ms": base_ms, "factor": factor, "max_delay_ms": max_ms,
             });
@@ -380,7 +381,8 @@ async fn repair(
             .bind(pins.len() as i32)
             .execute(&mut *tx)
             .await?;
-            let ids: Vec<Uuid> = pins.iter().map(|_| Uuid::new_v4()).collect();
+            db::lock_backends(&mut tx, &[t.id]).await?;
+            let ids: Vec<Uuid> = pins.iter().map(|_| Uuid::now_v7()).collect();
             let seqs: Vec<i32> = (0..pins.len() as i32).collect();
             let cids: Vec<String> = pins.iter().map(|p| p.cid.clone()).collect();
             let names: Vec<Option<String>> = pins.iter().map(|p| p.name.clone()).collect();
@@ -408,6 +410,7 @@ async fn repair(
             .bind(&names)
             .execute(&mut *tx)
             .await?;
+            db::owe_dispatch(&mut tx, &ids, false).await?;
             created += pins.len() as u64;
             tracing::info!(backend = %t.name, owner = %owner, batch_id = %batch_id, jobs = pins.len(), "created repair jobs for missing pins");
         }

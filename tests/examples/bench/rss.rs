@@ -81,3 +81,60 @@ impl RssWatch {
         Value::Object(out)
     }
 }
+
+/// CPU time, in seconds, used so far by one process (all its threads) and by the whole
+/// machine (every core's busy time), read from `/proc`. The difference of two readings
+/// tells who used the CPU during a phase.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuMark {
+    pub process_s: f64,
+    pub machine_busy_s: f64,
+}
+
+impl CpuMark {
+    pub fn read(pid: i32) -> CpuMark {
+        // Linux reports both in clock ticks of USER_HZ, which is 100 on every platform
+        // Rust's std targets.
+        const TICK: f64 = 0.01;
+        let process = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                // Fields after the command name (which may hold spaces) in parentheses.
+                let rest = s.rsplit_once(')')?.1;
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                let utime: f64 = f.get(11)?.parse().ok()?;
+                let stime: f64 = f.get(12)?.parse().ok()?;
+                Some((utime + stime) * TICK)
+            })
+            .unwrap_or(f64::NAN);
+        let machine = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| {
+                let line = s.lines().next()?;
+                let v: Vec<f64> = line
+                    .split_whitespace()
+                    .skip(1)
+                    .filter_map(|x| x.parse().ok())
+                    .collect();
+                // user nice system idle iowait irq softirq steal
+                let busy = v.first()? + v.get(1)? + v.get(2)? + v.get(5)? + v.get(6)? + v.get(7)?;
+                Some(busy * TICK)
+            })
+            .unwrap_or(f64::NAN);
+        CpuMark {
+            process_s: process,
+            machine_busy_s: machine,
+        }
+    }
+
+    /// What was used between `self` and `later`, rounded to 10 ms, as JSON.
+    pub fn until(&self, later: &CpuMark) -> serde_json::Value {
+        let r = |x: f64| (x * 100.0).round() / 100.0;
+        serde_json::json!({
+            "node_cpu_s": r(later.process_s - self.process_s),
+            "machine_busy_cpu_s": r(later.machine_busy_s - self.machine_busy_s),
+            "others_cpu_s": r((later.machine_busy_s - self.machine_busy_s)
+                - (later.process_s - self.process_s)),
+        })
+    }
+}
