@@ -221,46 +221,16 @@ pub enum Stored {
     Existing { id: Uuid, job_count: i32 },
 }
 
-/// Stores a batch and all its jobs in one transaction, the jobs in one statement.
+/// Stores a batch and all its jobs, and owes their messages in the dispatch outbox, in
+/// one statement: one round trip and one commit whatever the batch's size. If the owner
+/// already has a batch with this idempotency key, nothing is written.
 pub async fn insert_batch(pool: &PgPool, batch: &NewBatch) -> Result<Stored, sqlx::Error> {
-    let mut tx = pool.begin().await?;
     let retry_json = serde_json::json!({
         "max_attempts": batch.retry.max_attempts,
         "base_ms": batch.retry.base.as_millis() as u64,
         "factor": batch.retry.factor,
         "max_delay_ms": batch.retry.max_delay.as_millis() as u64,
     });
-    let inserted: Option<(Uuid,)> = sqlx::query_as(
-        "INSERT INTO batches (id, owner, priority, backends, retry, idempotency_key, job_count)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)
-         ON CONFLICT (owner, idempotency_key) DO NOTHING
-         RETURNING id",
-    )
-    .bind(batch.id)
-    .bind(&batch.owner)
-    .bind(i16::from(batch.priority.get()))
-    .bind(&batch.backends)
-    .bind(&retry_json)
-    .bind(&batch.idempotency_key)
-    .bind(batch.jobs.len() as i32)
-    .fetch_optional(&mut *tx)
-    .await?;
-    if inserted.is_none() {
-        let (id, job_count): (Uuid, i32) = sqlx::query_as(
-            "SELECT id, job_count FROM batches WHERE owner = $1 AND idempotency_key = $2",
-        )
-        .bind(&batch.owner)
-        .bind(&batch.idempotency_key)
-        .fetch_one(&mut *tx)
-        .await?;
-        tx.rollback().await?;
-        return Ok(Stored::Existing { id, job_count });
-    }
-
-    let mut backends: Vec<Uuid> = batch.jobs.iter().map(|j| j.backend_id).collect();
-    backends.sort_unstable();
-    backends.dedup();
-    lock_backends(&mut tx, &backends).await?;
     let n = batch.jobs.len();
     let mut ids = Vec::with_capacity(n);
     let mut seqs = Vec::with_capacity(n);
@@ -280,22 +250,39 @@ pub async fn insert_batch(pool: &PgPool, batch: &NewBatch) -> Result<Stored, sql
         names.push(j.name.clone());
         metas.push(j.meta.to_string());
     }
-    sqlx::query(
-        "INSERT INTO jobs (id, batch_id, seq, owner, backend_id, op, cid, replaces_cid, name, meta,
-                           priority, max_attempts, backoff_base_ms, backoff_factor, backoff_max_ms)
-         SELECT t.id, $1, t.seq, $2, t.backend_id, t.op, t.cid, t.replaces_cid, t.name, t.meta::jsonb,
-                $3, $4, $5, $6, $7
-         FROM UNNEST($8::uuid[], $9::int4[], $10::uuid[], $11::text[], $12::text[], $13::text[],
-                     $14::text[], $15::text[])
-              AS t(id, seq, backend_id, op, cid, replaces_cid, name, meta)",
+    let mut backends = backend_ids.clone();
+    backends.sort_unstable();
+    backends.dedup();
+    // The jobs and the outbox row are written only if the batch row was (`FROM b`); the
+    // backends' lock (see `lock_backends`) is taken before the statement commits, which is
+    // all it needs.
+    let entry: Option<(i64,)> = sqlx::query_as(
+        "WITH b AS (
+             INSERT INTO batches (id, owner, priority, backends, retry, idempotency_key, job_count)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (owner, idempotency_key) DO NOTHING
+             RETURNING id
+         ), j AS (
+             INSERT INTO jobs (id, batch_id, seq, owner, backend_id, op, cid, replaces_cid, name,
+                               meta, priority, max_attempts, backoff_base_ms, backoff_factor,
+                               backoff_max_ms)
+             SELECT t.id, b.id, t.seq, $2, t.backend_id, t.op, t.cid, t.replaces_cid, t.name,
+                    t.meta::jsonb, $3, $16, $17, $18, $19
+             FROM b, UNNEST($8::uuid[], $9::int4[], $10::uuid[], $11::text[], $12::text[],
+                            $13::text[], $14::text[], $15::text[])
+                  AS t(id, seq, backend_id, op, cid, replaces_cid, name, meta)
+         )
+         INSERT INTO dispatch_outbox (job_ids, self_publishing)
+         SELECT $8, true FROM b, (SELECT pinq_lock_backends($20)) AS locked
+         RETURNING id",
     )
     .bind(batch.id)
     .bind(&batch.owner)
     .bind(i16::from(batch.priority.get()))
-    .bind(batch.retry.max_attempts as i32)
-    .bind(batch.retry.base.as_millis() as i32)
-    .bind(batch.retry.factor)
-    .bind(batch.retry.max_delay.as_millis() as i32)
+    .bind(&batch.backends)
+    .bind(&retry_json)
+    .bind(&batch.idempotency_key)
+    .bind(n as i32)
     .bind(&ids)
     .bind(&seqs)
     .bind(&backend_ids)
@@ -304,10 +291,23 @@ pub async fn insert_batch(pool: &PgPool, batch: &NewBatch) -> Result<Stored, sql
     .bind(&replaces)
     .bind(&names)
     .bind(&metas)
-    .execute(&mut *tx)
+    .bind(batch.retry.max_attempts as i32)
+    .bind(batch.retry.base.as_millis() as i32)
+    .bind(batch.retry.factor)
+    .bind(batch.retry.max_delay.as_millis() as i32)
+    .bind(&backends)
+    .fetch_optional(pool)
     .await?;
-    let entry = owe_dispatch(&mut tx, &ids, true).await?;
-    tx.commit().await?;
+    let Some((entry,)) = entry else {
+        let (id, job_count): (Uuid, i32) = sqlx::query_as(
+            "SELECT id, job_count FROM batches WHERE owner = $1 AND idempotency_key = $2",
+        )
+        .bind(&batch.owner)
+        .bind(&batch.idempotency_key)
+        .fetch_one(pool)
+        .await?;
+        return Ok(Stored::Existing { id, job_count });
+    };
     Ok(Stored::Created {
         id: batch.id,
         owed: Owed {
@@ -473,20 +473,13 @@ pub async fn extend_leases(
     lease: Duration,
 ) -> Result<Vec<(Uuid, LeaseStatus)>, sqlx::Error> {
     let (ids, attempts): (Vec<Uuid>, Vec<i32>) = jobs.iter().copied().unzip();
-    let held: Vec<(Uuid, bool)> = sqlx::query_as(
-        // Rows are locked in id order first, like the other hot-path writers of jobs, so this
-        // never deadlocks with the completer writing outcomes for the same jobs.
-        "WITH locked AS (
-             SELECT j.id FROM jobs j
-             JOIN UNNEST($1::uuid[], $2::int4[]) AS t(id, attempt)
-               ON j.id = t.id AND j.attempt = t.attempt
-             WHERE j.lease_owner = $3 AND j.state = 'running'
-             ORDER BY j.id FOR UPDATE
-         )
+    let held: Vec<(Uuid, bool)> = sqlx::query_as(AssertSqlSafe(format!(
+        "WITH {locked}
          UPDATE jobs j SET lease_until = now() + make_interval(secs => $4)
          FROM locked WHERE j.id = locked.id
          RETURNING j.id, j.cancel_requested",
-    )
+        locked = fenced_locked("$1", "$2", "$3"),
+    )))
     .bind(&ids)
     .bind(&attempts)
     .bind(worker_id)
@@ -607,9 +600,10 @@ pub async fn finish_job(
     Ok(true)
 }
 
-/// Records many successful attempts at once (one transaction, a few statements whatever
-/// their number), fenced like [`finish_job`]. Returns the ids that were written; the
-/// others had lost their lease. The pin index is updated in the same transaction.
+/// Records many successful attempts at once, fenced like [`finish_job`], with their
+/// attempt records and pin-index changes: one statement whatever their number (or, when
+/// two of them touch the same pin, one transaction applying those in order). Returns the
+/// ids that were written; the others had lost their lease.
 pub async fn finish_succeeded(
     pool: &PgPool,
     jobs: &[&ClaimedJob],
@@ -618,25 +612,93 @@ pub async fn finish_succeeded(
     if jobs.is_empty() {
         return Ok(Vec::new());
     }
+    let changes: Vec<(&ClaimedJob, PinChange)> =
+        jobs.iter().map(|j| (*j, pin_changes(j))).collect();
+    if has_conflict(&changes) {
+        return finish_succeeded_in_order(pool, jobs, worker_id).await;
+    }
+    let writes = PinWrites::of(&changes);
+    let ids: Vec<Uuid> = jobs.iter().map(|j| j.id).collect();
+    let attempts: Vec<i32> = jobs.iter().map(|j| j.attempt).collect();
+    let started: Vec<DateTime<Utc>> = jobs.iter().map(|j| j.started_at).collect();
+    let written: Vec<(Uuid,)> = sqlx::query_as(AssertSqlSafe(format!(
+        // Every write after `done` joins it, so a job whose lease was lost writes nothing.
+        "WITH {locked}, done AS (
+             {SUCCEED}
+         ), attempts AS (
+             INSERT INTO job_attempts (job_id, attempt, worker_id, started_at, finished_at,
+                                       outcome, error)
+             SELECT t.id, t.attempt, $11, t.started_at, now(), 'succeeded', NULL
+             FROM UNNEST($9::uuid[], $10::int4[], $12::timestamptz[]) AS t(id, attempt, started_at)
+             JOIN done ON done.id = t.id
+             ON CONFLICT (job_id, attempt) DO UPDATE
+             SET finished_at = EXCLUDED.finished_at, outcome = EXCLUDED.outcome, error = NULL
+         ), upserts AS (
+             {upsert}
+         ), deletes AS (
+             {delete}
+         )
+         SELECT id FROM done",
+        locked = fenced_locked("$9", "$10", "$11"),
+        upsert = PinWrites::UPSERT.replace("{done}", "JOIN done ON done.id = t.job_id"),
+        delete = PinWrites::DELETE.replace("{done}", "JOIN done ON done.id = t.job_id"),
+    )))
+    .bind(&writes.up_backends)
+    .bind(&writes.up_cids)
+    .bind(&writes.up_owners)
+    .bind(&writes.up_names)
+    .bind(&writes.up_jobs)
+    .bind(&writes.del_backends)
+    .bind(&writes.del_cids)
+    .bind(&writes.del_jobs)
+    .bind(&ids)
+    .bind(&attempts)
+    .bind(worker_id)
+    .bind(&started)
+    .fetch_all(pool)
+    .await?;
+    let written: std::collections::HashSet<Uuid> = written.into_iter().map(|(id,)| id).collect();
+    Ok(ids.into_iter().filter(|id| written.contains(id)).collect())
+}
+
+/// The `locked` CTE of the writers that act on a group of this worker's running attempts:
+/// the jobs among the `(id, attempt)` pairs (parameters `ids` and `attempts`) still leased
+/// to `worker`, locked in id order like every hot-path writer of jobs, so the completer
+/// and the lease keeper never deadlock on the same jobs.
+fn fenced_locked(ids: &str, attempts: &str, worker: &str) -> String {
+    format!(
+        "locked AS (
+             SELECT j.id FROM jobs j
+             JOIN UNNEST({ids}::uuid[], {attempts}::int4[]) AS t(id, attempt)
+               ON j.id = t.id AND j.attempt = t.attempt
+             WHERE j.lease_owner = {worker} AND j.state = 'running'
+             ORDER BY j.id FOR UPDATE
+         )"
+    )
+}
+
+/// Marks the `locked` jobs succeeded; returns their ids.
+const SUCCEED: &str = "UPDATE jobs j
+     SET state = 'succeeded', lease_owner = NULL, lease_until = NULL, last_error = NULL,
+         finished_at = now(), updated_at = now()
+     FROM locked WHERE j.id = locked.id
+     RETURNING j.id";
+
+/// [`finish_succeeded`] for a group in which two jobs touch the same pin: one transaction,
+/// the pin-index changes applied one job at a time in order, so the last one wins as it
+/// would have alone.
+async fn finish_succeeded_in_order(
+    pool: &PgPool,
+    jobs: &[&ClaimedJob],
+    worker_id: Uuid,
+) -> Result<Vec<Uuid>, sqlx::Error> {
     let ids: Vec<Uuid> = jobs.iter().map(|j| j.id).collect();
     let attempts: Vec<i32> = jobs.iter().map(|j| j.attempt).collect();
     let mut tx = pool.begin().await?;
-    let written: Vec<(Uuid,)> = sqlx::query_as(
-        // Locked in id order first (see `claim_jobs`), so it never deadlocks with the
-        // lease keeper extending the same jobs.
-        "WITH locked AS (
-             SELECT j.id FROM jobs j
-             JOIN UNNEST($1::uuid[], $2::int4[]) AS t(id, attempt)
-               ON j.id = t.id AND j.attempt = t.attempt
-             WHERE j.lease_owner = $3 AND j.state = 'running'
-             ORDER BY j.id FOR UPDATE
-         )
-         UPDATE jobs j
-         SET state = 'succeeded', lease_owner = NULL, lease_until = NULL, last_error = NULL,
-             finished_at = now(), updated_at = now()
-         FROM locked WHERE j.id = locked.id
-         RETURNING j.id",
-    )
+    let written: Vec<(Uuid,)> = sqlx::query_as(AssertSqlSafe(format!(
+        "WITH {locked} {SUCCEED}",
+        locked = fenced_locked("$1", "$2", "$3"),
+    )))
     .bind(&ids)
     .bind(&attempts)
     .bind(worker_id)
@@ -701,6 +763,15 @@ fn pin_changes(job: &ClaimedJob) -> PinChange {
     (pinned, removed.map(|cid| (job.backend_id, key(cid))))
 }
 
+/// Whether two of these changes touch the same pin.
+fn has_conflict(changes: &[(&ClaimedJob, PinChange)]) -> bool {
+    let mut seen = std::collections::HashSet::new();
+    changes
+        .iter()
+        .flat_map(|(_, (p, r))| p.iter().chain(r.iter()))
+        .any(|k| !seen.insert(k.clone()))
+}
+
 /// The pin-index changes of successful jobs: upserts for what they pinned, deletes for
 /// what they unpinned, a few statements whatever their number. If two of them touch the
 /// same pin, they are applied one job at a time in order instead, so the last one wins as
@@ -709,79 +780,113 @@ async fn update_pin_index(
     conn: &mut PgConnection,
     jobs: &[&ClaimedJob],
 ) -> Result<(), sqlx::Error> {
-    let changes: Vec<_> = jobs.iter().map(|j| pin_changes(j)).collect();
-    let mut seen = std::collections::HashSet::new();
-    let conflict = changes
-        .iter()
-        .flat_map(|(p, r)| p.iter().chain(r.iter()))
-        .any(|k| !seen.insert(k.clone()));
-    if conflict {
-        for (job, change) in jobs.iter().zip(&changes) {
-            apply_pin_changes(conn, &[(*job, change.clone())]).await?;
+    let changes: Vec<(&ClaimedJob, PinChange)> =
+        jobs.iter().map(|j| (*j, pin_changes(j))).collect();
+    if has_conflict(&changes) {
+        for change in &changes {
+            apply_pin_changes(conn, std::slice::from_ref(change)).await?;
         }
         return Ok(());
     }
-    let all: Vec<_> = jobs.iter().copied().zip(changes).collect();
-    apply_pin_changes(conn, &all).await
+    apply_pin_changes(conn, &changes).await
 }
 
 type PinChange = (Option<(Uuid, String)>, Option<(Uuid, String)>);
 
-/// Writes pin-index changes whose keys are all distinct.
+/// Pin-index changes whose keys are all distinct, as columns for `UNNEST`, each list
+/// sorted by key so that two workers recording overlapping pins lock them in the same
+/// order.
+struct PinWrites {
+    up_backends: Vec<Uuid>,
+    up_cids: Vec<String>,
+    up_owners: Vec<String>,
+    up_names: Vec<Option<String>>,
+    up_jobs: Vec<Uuid>,
+    del_backends: Vec<Uuid>,
+    del_cids: Vec<String>,
+    del_jobs: Vec<Uuid>,
+}
+
+impl PinWrites {
+    /// The upsert, over parameters $1–$5; `{done}` is where a caller may join the rows
+    /// that really were written.
+    const UPSERT: &str = "INSERT INTO pins (backend_id, cid, owner, name, job_id, status, pinned_at, verified_at)
+         SELECT t.backend_id, t.cid, t.owner, t.name, t.job_id, 'pinned', now(), now()
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::uuid[])
+              AS t(backend_id, cid, owner, name, job_id)
+         {done}
+         ORDER BY t.backend_id, t.cid
+         ON CONFLICT (backend_id, cid) DO UPDATE
+         -- A pin another tenant already holds stays theirs: a second pin of the same
+         -- content does not take the index row over.
+         SET owner = CASE WHEN pins.status = 'pinned' AND pins.owner IS NOT NULL
+                          THEN pins.owner ELSE EXCLUDED.owner END,
+             name = CASE WHEN pins.status = 'pinned' AND pins.owner IS NOT NULL
+                         AND pins.owner <> EXCLUDED.owner THEN pins.name ELSE EXCLUDED.name END,
+             job_id = CASE WHEN pins.status = 'pinned' AND pins.owner IS NOT NULL
+                           AND pins.owner <> EXCLUDED.owner THEN pins.job_id ELSE EXCLUDED.job_id END,
+             status = 'pinned', verified_at = now(), updated_at = now(),
+             pinned_at = CASE WHEN pins.status = 'pinned' THEN pins.pinned_at ELSE now() END";
+
+    /// The deletes, over parameters $6–$8, with the same `{done}`.
+    const DELETE: &str = "DELETE FROM pins p
+         USING UNNEST($6::uuid[], $7::text[], $8::uuid[]) AS t(backend_id, cid, job_id)
+         {done}
+         WHERE p.backend_id = t.backend_id AND p.cid = t.cid";
+
+    fn of(changes: &[(&ClaimedJob, PinChange)]) -> PinWrites {
+        let mut upserts: Vec<(&ClaimedJob, &(Uuid, String))> = changes
+            .iter()
+            .filter_map(|(j, (p, _))| p.as_ref().map(|k| (*j, k)))
+            .collect();
+        upserts.sort_by(|a, b| a.1.cmp(b.1));
+        let mut deletes: Vec<(&(Uuid, String), Uuid)> = changes
+            .iter()
+            .filter_map(|(j, (_, r))| r.as_ref().map(|k| (k, j.id)))
+            .collect();
+        deletes.sort();
+        PinWrites {
+            up_backends: upserts.iter().map(|(_, k)| k.0).collect(),
+            up_cids: upserts.iter().map(|(_, k)| k.1.clone()).collect(),
+            up_owners: upserts.iter().map(|(j, _)| j.owner.clone()).collect(),
+            up_names: upserts.iter().map(|(j, _)| j.name.clone()).collect(),
+            up_jobs: upserts.iter().map(|(j, _)| j.id).collect(),
+            del_backends: deletes.iter().map(|(k, _)| k.0).collect(),
+            del_cids: deletes.iter().map(|(k, _)| k.1.clone()).collect(),
+            del_jobs: deletes.iter().map(|(_, id)| *id).collect(),
+        }
+    }
+}
+
+/// Writes pin-index changes whose keys are all distinct: two statements.
 async fn apply_pin_changes(
     conn: &mut PgConnection,
     changes: &[(&ClaimedJob, PinChange)],
 ) -> Result<(), sqlx::Error> {
-    // Sorted, so that two workers recording overlapping pins lock them in the same order.
-    let mut upserts: Vec<(&ClaimedJob, &(Uuid, String))> = changes
-        .iter()
-        .filter_map(|(j, (p, _))| p.as_ref().map(|k| (*j, k)))
-        .collect();
-    upserts.sort_by(|a, b| a.1.cmp(b.1));
-    let mut deletes: Vec<(Uuid, String)> =
-        changes.iter().filter_map(|(_, (_, r))| r.clone()).collect();
-    deletes.sort();
-    if !upserts.is_empty() {
-        let backend_ids: Vec<Uuid> = upserts.iter().map(|(_, k)| k.0).collect();
-        let cids: Vec<String> = upserts.iter().map(|(_, k)| k.1.clone()).collect();
-        let owners: Vec<String> = upserts.iter().map(|(j, _)| j.owner.clone()).collect();
-        let names: Vec<Option<String>> = upserts.iter().map(|(j, _)| j.name.clone()).collect();
-        let job_ids: Vec<Uuid> = upserts.iter().map(|(j, _)| j.id).collect();
-        sqlx::query(
-            "INSERT INTO pins (backend_id, cid, owner, name, job_id, status, pinned_at, verified_at)
-             SELECT t.backend_id, t.cid, t.owner, t.name, t.job_id, 'pinned', now(), now()
-             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::uuid[])
-                  AS t(backend_id, cid, owner, name, job_id)
-             ON CONFLICT (backend_id, cid) DO UPDATE
-             -- A pin another tenant already holds stays theirs: a second pin of the same
-             -- content does not take the index row over.
-             SET owner = CASE WHEN pins.status = 'pinned' AND pins.owner IS NOT NULL
-                              THEN pins.owner ELSE EXCLUDED.owner END,
-                 name = CASE WHEN pins.status = 'pinned' AND pins.owner IS NOT NULL
-                             AND pins.owner <> EXCLUDED.owner THEN pins.name ELSE EXCLUDED.name END,
-                 job_id = CASE WHEN pins.status = 'pinned' AND pins.owner IS NOT NULL
-                               AND pins.owner <> EXCLUDED.owner THEN pins.job_id ELSE EXCLUDED.job_id END,
-                 status = 'pinned', verified_at = now(), updated_at = now(),
-                 pinned_at = CASE WHEN pins.status = 'pinned' THEN pins.pinned_at ELSE now() END",
-        )
-        .bind(&backend_ids)
-        .bind(&cids)
-        .bind(&owners)
-        .bind(&names)
-        .bind(&job_ids)
-        .execute(&mut *conn)
-        .await?;
+    let w = PinWrites::of(changes);
+    if !w.up_jobs.is_empty() {
+        sqlx::query(AssertSqlSafe(PinWrites::UPSERT.replace("{done}", "")))
+            .bind(&w.up_backends)
+            .bind(&w.up_cids)
+            .bind(&w.up_owners)
+            .bind(&w.up_names)
+            .bind(&w.up_jobs)
+            .execute(&mut *conn)
+            .await?;
     }
-    if !deletes.is_empty() {
-        let (backend_ids, cids): (Vec<Uuid>, Vec<String>) = deletes.into_iter().unzip();
-        sqlx::query(
-            "DELETE FROM pins p USING UNNEST($1::uuid[], $2::text[]) AS t(backend_id, cid)
-             WHERE p.backend_id = t.backend_id AND p.cid = t.cid",
-        )
-        .bind(&backend_ids)
-        .bind(&cids)
-        .execute(&mut *conn)
-        .await?;
+    if !w.del_jobs.is_empty() {
+        // The upsert's parameters come first; the delete names only its own.
+        let delete = PinWrites::DELETE
+            .replace("{done}", "")
+            .replace("$6", "$1")
+            .replace("$7", "$2")
+            .replace("$8", "$3");
+        sqlx::query(AssertSqlSafe(delete))
+            .bind(&w.del_backends)
+            .bind(&w.del_cids)
+            .bind(&w.del_jobs)
+            .execute(&mut *conn)
+            .await?;
     }
     Ok(())
 }

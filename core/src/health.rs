@@ -302,37 +302,62 @@ pub async fn probes(
     .await
 }
 
-/// Probes a Kubo backend: `id`, `version` and `repo/stat`, all within `timeout`. Used by
-/// the scheduler's `health-check` task and by the API's "check now". Record the result
-/// with [`record_probe`].
+/// Probes a Kubo backend within `timeout`: `id` and `version` decide whether it is up;
+/// `repo/stat` is asked at the same time for the repository figures, and reported if it
+/// answers before the deadline. A node walks its whole blockstore to answer `repo/stat`
+/// (js-ipfs does, and Kubo without `size-only`), so under load it can take longer than
+/// the probe's timeout while the node pins normally; it must not take a busy node down.
+/// Used by the scheduler's `health-check` task and by the API's "check now". Record the
+/// result with [`record_probe`].
 pub async fn probe_kubo(http: reqwest::Client, url: &str, timeout: Duration) -> ProbeRecord {
     let client = KuboClient::new(http, url);
     let started = Instant::now();
-    let calls = async { tokio::try_join!(client.id(), client.version(), client.repo_stat()) };
-    let result = tokio::time::timeout(timeout, calls).await;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let stat = {
+        let client = client.clone();
+        tokio::spawn(async move { client.repo_stat().await })
+    };
+    let alive = async { tokio::try_join!(client.id(), client.version()) };
+    let result = tokio::time::timeout_at(deadline, alive).await;
     let latency_ms = i32::try_from(started.elapsed().as_millis()).unwrap_or(i32::MAX);
     match result {
-        Ok(Ok((id, version, stat))) => ProbeRecord {
-            ok: true,
-            latency_ms,
-            error: None,
-            peer_id: Some(id.id),
-            node_version: Some(version),
-            repo_size: i64::try_from(stat.repo_size).ok(),
-            num_objects: i64::try_from(stat.num_objects).ok(),
-        },
-        Ok(Err(e)) => ProbeRecord {
-            ok: false,
-            latency_ms,
-            error: Some(e.to_string()),
-            ..ProbeRecord::default()
-        },
-        Err(_) => ProbeRecord {
-            ok: false,
-            latency_ms,
-            error: Some(format!("probe timed out after {} ms", timeout.as_millis())),
-            ..ProbeRecord::default()
-        },
+        Ok(Ok((id, version))) => {
+            let abort = stat.abort_handle();
+            let stat = match tokio::time::timeout_at(deadline, stat).await {
+                Ok(Ok(Ok(stat))) => Some(stat),
+                _ => None,
+            };
+            abort.abort();
+            ProbeRecord {
+                ok: true,
+                latency_ms,
+                error: None,
+                peer_id: Some(id.id),
+                node_version: Some(version),
+                repo_size: stat.as_ref().and_then(|s| i64::try_from(s.repo_size).ok()),
+                num_objects: stat
+                    .as_ref()
+                    .and_then(|s| i64::try_from(s.num_objects).ok()),
+            }
+        }
+        Ok(Err(e)) => {
+            stat.abort();
+            ProbeRecord {
+                ok: false,
+                latency_ms,
+                error: Some(e.to_string()),
+                ..ProbeRecord::default()
+            }
+        }
+        Err(_) => {
+            stat.abort();
+            ProbeRecord {
+                ok: false,
+                latency_ms,
+                error: Some(format!("probe timed out after {} ms", timeout.as_millis())),
+                ..ProbeRecord::default()
+            }
+        }
     }
 }
 

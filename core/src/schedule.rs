@@ -395,7 +395,9 @@ pub async fn claim_due(pool: &PgPool, runner: Uuid) -> Result<Vec<Claimed>, sqlx
     let rows: Vec<Schedule> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {SCHEDULE_COLUMNS} FROM schedules s
          WHERE enabled
-           AND (next_fire_at IS NULL OR next_fire_at <= $1 OR last_fire_at IS NULL)
+           -- Every pass stores the next fire time, so a schedule that is not due yet is not
+           -- locked and rewritten on every tick (one that never fired included).
+           AND (next_fire_at IS NULL OR next_fire_at <= $1)
            AND NOT EXISTS (SELECT 1 FROM schedule_runs r
                            WHERE r.schedule = s.name AND r.status = 'running')
          ORDER BY name
