@@ -641,7 +641,7 @@ pub async fn finish_succeeded(
          SELECT id FROM done",
         locked = fenced_locked("$9", "$10", "$11"),
         upsert = PinWrites::UPSERT.replace("{done}", "JOIN done ON done.id = t.job_id"),
-        delete = PinWrites::DELETE.replace("{done}", "JOIN done ON done.id = t.job_id"),
+        delete = PinWrites::delete_sql(6, "JOIN done ON done.id = t.job_id"),
     )))
     .bind(&writes.up_backends)
     .bind(&writes.up_cids)
@@ -828,11 +828,17 @@ impl PinWrites {
              status = 'pinned', verified_at = now(), updated_at = now(),
              pinned_at = CASE WHEN pins.status = 'pinned' THEN pins.pinned_at ELSE now() END";
 
-    /// The deletes, over parameters $6–$8, with the same `{done}`.
-    const DELETE: &str = "DELETE FROM pins p
-         USING UNNEST($6::uuid[], $7::text[], $8::uuid[]) AS t(backend_id, cid, job_id)
-         {done}
-         WHERE p.backend_id = t.backend_id AND p.cid = t.cid";
+    /// The deletes, over three parameters from `$first` on (backends, CIDs, jobs), with a
+    /// `done` join like the upsert's.
+    fn delete_sql(first: usize, done: &str) -> String {
+        let (b, c, j) = (first, first + 1, first + 2);
+        format!(
+            "DELETE FROM pins p
+             USING UNNEST(${b}::uuid[], ${c}::text[], ${j}::uuid[]) AS t(backend_id, cid, job_id)
+             {done}
+             WHERE p.backend_id = t.backend_id AND p.cid = t.cid"
+        )
+    }
 
     fn of(changes: &[(&ClaimedJob, PinChange)]) -> PinWrites {
         let mut upserts: Vec<(&ClaimedJob, &(Uuid, String))> = changes
@@ -875,13 +881,7 @@ async fn apply_pin_changes(
             .await?;
     }
     if !w.del_jobs.is_empty() {
-        // The upsert's parameters come first; the delete names only its own.
-        let delete = PinWrites::DELETE
-            .replace("{done}", "")
-            .replace("$6", "$1")
-            .replace("$7", "$2")
-            .replace("$8", "$3");
-        sqlx::query(AssertSqlSafe(delete))
+        sqlx::query(AssertSqlSafe(PinWrites::delete_sql(1, "")))
             .bind(&w.del_backends)
             .bind(&w.del_cids)
             .bind(&w.del_jobs)

@@ -74,7 +74,7 @@ fn claim_headroom(concurrency: usize) -> usize {
     2 * claim_least(concurrency)
 }
 
-/// Most successful jobs written in one transaction.
+/// Most successful jobs written in one statement.
 const MAX_COMPLETION_GROUP: usize = 1024;
 
 struct Ctx {
