@@ -175,9 +175,9 @@ pub struct SchedulerArgs {
     /// publishes them instead (their dispatch-outbox entry is still there).
     #[arg(long, env = "PINQ_RELAY_GRACE_MS", default_value_t = 3000)]
     pub relay_grace_ms: u64,
-    /// A job queued this long (since it was queued or last published) without starting
-    /// is published again (safety net for a message lost in the broker; duplicates are
-    /// harmless because claims are fenced).
+    /// A job still queued this long after its message was published is published again
+    /// (safety net for a message lost in the broker; duplicates are harmless because
+    /// claims are fenced). Published dispatch-outbox rows are kept this long.
     #[arg(long, env = "PINQ_REDISPATCH_AFTER_SECS", default_value_t = 1800)]
     pub redispatch_after_secs: u64,
     /// How often the cron loop looks for due firings (and manual runs).

@@ -348,9 +348,11 @@ pub async fn owe_dispatch(
     Ok(entry)
 }
 
-/// The broker confirmed every message of an outbox entry: nothing is owed any more.
+/// The broker confirmed every message of an outbox entry: nothing is owed any more. The
+/// entry is kept, marked published, until the relay's safety net has checked that its
+/// jobs started (see [`relay_reowe_stale`]).
 pub async fn settle_dispatch(pool: &PgPool, entry: i64) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM dispatch_outbox WHERE id = $1")
+    sqlx::query("UPDATE dispatch_outbox SET published_at = now() WHERE id = $1")
         .bind(entry)
         .execute(pool)
         .await?;
@@ -401,6 +403,8 @@ pub struct ClaimedJob {
     pub backoff_max_ms: i32,
     /// When this attempt started (the claim).
     pub started_at: DateTime<Utc>,
+    /// The claim (`job_claims`) whose lease covers this attempt.
+    pub claim_id: i64,
 }
 
 impl ClaimedJob {
@@ -414,15 +418,16 @@ impl ClaimedJob {
     }
 }
 
-/// Atomically moves queued jobs to running under this worker's lease and bumps their
-/// attempt, in one statement. Jobs that are not claimable (already running, finished,
+/// Atomically moves queued jobs to running under one new lease of this worker (a
+/// `job_claims` row naming them) and bumps their attempt, in one statement. Jobs that are not claimable (already running, finished,
 /// cancelled or unknown) are left out: their delivery was a duplicate. The claim waits for
 /// row locks rather than skipping locked rows: a row locked by a writer that may leave it
 /// `queued` (the relay republishing a job that waited long, a cancel or a re-drive under
 /// way) must not cost a good delivery. Rows are locked in id order, as the other hot-path
 /// writers of jobs do, so claims of overlapping messages queue behind each other instead
 /// of deadlocking. The attempt's record is written when it ends (see [`finish_job`]);
-/// until then the job's row is the record of the running attempt.
+/// until then the job's row is the record of the running attempt. No column an index of
+/// `jobs` names changes, so the rows are updated in place (see the `hot_jobs` migration).
 pub async fn claim_jobs(
     pool: &PgPool,
     job_ids: &[Uuid],
@@ -433,15 +438,19 @@ pub async fn claim_jobs(
         "WITH target AS (
              SELECT id FROM jobs WHERE id = ANY($1) AND state = 'queued'
              ORDER BY id FOR UPDATE
+         ), claim AS (
+             INSERT INTO job_claims (worker_id, job_ids, lease_until)
+             SELECT $2, array_agg(id), now() + make_interval(secs => $3) FROM target
+             HAVING count(*) > 0
+             RETURNING id
          ), c AS (
              UPDATE jobs j
              SET state = 'running', attempt = j.attempt + 1, lease_owner = $2,
-                 lease_until = now() + make_interval(secs => $3), started_at = now(),
-                 updated_at = now()
-             FROM target WHERE j.id = target.id
+                 claim_id = claim.id, started_at = now(), updated_at = now()
+             FROM target, claim WHERE j.id = target.id
              RETURNING j.id, j.batch_id, j.backend_id, j.owner, j.op, j.cid, j.replaces_cid,
                        j.name, j.priority, j.attempt, j.max_attempts, j.backoff_base_ms,
-                       j.backoff_factor, j.backoff_max_ms, j.started_at
+                       j.backoff_factor, j.backoff_max_ms, j.started_at, j.claim_id
          )
          SELECT * FROM c",
     )
@@ -463,26 +472,37 @@ pub enum LeaseStatus {
     Lost,
 }
 
-/// Extends the leases of jobs this worker still holds (given as `(id, attempt)`), in one
-/// statement. Returns each job's status; a job missing from the answer is
-/// [`LeaseStatus::Lost`].
+/// Extends the lease of one of this worker's claims and reports on its jobs this worker
+/// still runs (given as `(id, attempt)`), in one statement that writes only the claim's
+/// row. Returns each job's status; a job missing from the answer is [`LeaseStatus::Lost`]
+/// (its claim expired and the relay took it back, or it is no longer this attempt).
 pub async fn extend_leases(
     pool: &PgPool,
+    claim_id: i64,
     jobs: &[(Uuid, i32)],
     worker_id: Uuid,
     lease: Duration,
 ) -> Result<Vec<(Uuid, LeaseStatus)>, sqlx::Error> {
     let (ids, attempts): (Vec<Uuid>, Vec<i32>) = jobs.iter().copied().unzip();
-    let held: Vec<(Uuid, bool)> = sqlx::query_as(AssertSqlSafe(format!(
-        "WITH {locked}
-         UPDATE jobs j SET lease_until = now() + make_interval(secs => $4)
-         FROM locked WHERE j.id = locked.id
-         RETURNING j.id, j.cancel_requested",
-        locked = fenced_locked("$1", "$2", "$3"),
-    )))
+    // The claim's row is the fence: the relay takes a claim's jobs back only while holding
+    // that row locked with its lease run out, so once this update has extended it the
+    // jobs stay ours, and if the relay got there first the row is gone and so is every job.
+    let held: Vec<(Uuid, bool)> = sqlx::query_as(
+        "WITH ext AS (
+             UPDATE job_claims SET lease_until = now() + make_interval(secs => $5)
+             WHERE id = $4 AND worker_id = $3
+             RETURNING id
+         )
+         SELECT j.id, j.cancel_requested FROM jobs j
+         JOIN UNNEST($1::uuid[], $2::int4[]) AS t(id, attempt)
+           ON j.id = t.id AND j.attempt = t.attempt
+         JOIN ext ON ext.id = j.claim_id
+         WHERE j.lease_owner = $3 AND j.state = 'running'",
+    )
     .bind(&ids)
     .bind(&attempts)
     .bind(worker_id)
+    .bind(claim_id)
     .bind(lease.as_secs_f64())
     .fetch_all(pool)
     .await?;
@@ -554,10 +574,11 @@ pub async fn finish_job(
         "UPDATE jobs
          SET state = CASE WHEN cancel_requested AND $4 IN ('retry_wait', 'queued')
                           THEN 'cancelled' ELSE $4 END,
-             lease_owner = NULL, lease_until = NULL, updated_at = now(),
+             lease_owner = NULL, updated_at = now(),
              attempt = CASE WHEN $7 THEN attempt - 1 ELSE attempt END,
              last_error = CASE WHEN $4 = 'succeeded' THEN NULL ELSE coalesce($5, last_error) END,
              run_at = coalesce($6, run_at),
+             retry_at = CASE WHEN $4 = 'retry_wait' AND NOT cancel_requested THEN $6 END,
              finished_at = CASE WHEN $4 IN ('succeeded', 'failed', 'cancelled')
                                      OR (cancel_requested AND $4 IN ('retry_wait', 'queued'))
                                 THEN now() ELSE NULL END
@@ -679,7 +700,7 @@ fn fenced_locked(ids: &str, attempts: &str, worker: &str) -> String {
 
 /// Marks the `locked` jobs succeeded; returns their ids.
 const SUCCEED: &str = "UPDATE jobs j
-     SET state = 'succeeded', lease_owner = NULL, lease_until = NULL, last_error = NULL,
+     SET state = 'succeeded', lease_owner = NULL, last_error = NULL,
          finished_at = now(), updated_at = now()
      FROM locked WHERE j.id = locked.id
      RETURNING j.id";
@@ -904,59 +925,83 @@ pub struct DueJob {
 /// Which jobs a relay pass moves back to `queued` (and owes a message).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RelayScan {
-    /// Retries whose `run_at` has come.
+    /// Retries whose `retry_at` has come.
     DueRetries,
-    /// Running jobs whose lease expired: the worker is presumed dead.
+    /// Running jobs whose claim's lease expired: the worker is presumed dead. Claims whose
+    /// jobs have all finished are deleted by the same scan once their lease runs out.
     ExpiredLeases,
-    /// Jobs queued this long without starting: their message was published long ago, so
-    /// it may have been lost in the broker (a purged queue). They are published again;
-    /// duplicates are harmless because claims are fenced.
-    Stale { after: Duration },
 }
 
-/// Locks up to `limit` jobs of a relay scan (`FOR UPDATE SKIP LOCKED`, so several relays
-/// share the work). See `pinq_scheduler::Relay` for what follows.
+/// What a relay scan locked: how many rows it took (jobs, or claims for
+/// [`RelayScan::ExpiredLeases`]; a full take means more may be waiting) and the jobs to
+/// move back to `queued`.
+#[derive(Debug, Default)]
+pub struct RelayTake {
+    pub taken: usize,
+    pub jobs: Vec<DueJob>,
+}
+
+/// Locks up to `limit` rows of a relay scan (`FOR UPDATE SKIP LOCKED`, so several relays
+/// share the work). For expired leases the claims are deleted in the caller's
+/// transaction and their jobs still running under them are locked. See
+/// `pinq_scheduler::Relay` for what follows.
 pub async fn relay_lock_due(
     conn: &mut PgConnection,
     scan: RelayScan,
     limit: i64,
-) -> Result<Vec<DueJob>, sqlx::Error> {
+) -> Result<RelayTake, sqlx::Error> {
     match scan {
         RelayScan::DueRetries => {
-            sqlx::query_as(
+            let jobs: Vec<DueJob> = sqlx::query_as(
                 "SELECT j.id, j.priority FROM jobs j
-                 WHERE j.state = 'retry_wait' AND j.run_at <= now()
+                 WHERE j.retry_at <= now() AND j.state = 'retry_wait'
                    -- Jobs for a backend the health checks hold down wait without spending
                    -- attempts; they are published once it is back.
                    AND NOT EXISTS (SELECT 1 FROM backends b
                                    WHERE b.id = j.backend_id AND b.status = 'down')
-                 ORDER BY j.run_at LIMIT $1 FOR UPDATE OF j SKIP LOCKED",
+                 ORDER BY j.retry_at LIMIT $1 FOR UPDATE OF j SKIP LOCKED",
             )
             .bind(limit)
             .fetch_all(conn)
-            .await
+            .await?;
+            Ok(RelayTake {
+                taken: jobs.len(),
+                jobs,
+            })
         }
         RelayScan::ExpiredLeases => {
-            sqlx::query_as(
-                "SELECT id, priority FROM jobs
-                 WHERE state = 'running' AND lease_until < now()
-                 ORDER BY lease_until LIMIT $1 FOR UPDATE SKIP LOCKED",
+            // A claim is locked only while its lease has run out (re-checked on the row's
+            // newest version, so a lease the worker has just extended is left alone), and
+            // deleted: from then on its worker's extensions find nothing and stop its jobs.
+            let claims: Vec<(i64, Vec<Uuid>)> = sqlx::query_as(
+                "DELETE FROM job_claims WHERE id IN (
+                     SELECT id FROM job_claims WHERE lease_until < now()
+                     ORDER BY lease_until LIMIT $1 FOR UPDATE SKIP LOCKED)
+                 RETURNING id, job_ids",
             )
             .bind(limit)
-            .fetch_all(conn)
-            .await
-        }
-        RelayScan::Stale { after } => {
-            sqlx::query_as(
+            .fetch_all(&mut *conn)
+            .await?;
+            if claims.is_empty() {
+                return Ok(RelayTake::default());
+            }
+            let claim_ids: Vec<i64> = claims.iter().map(|(id, _)| *id).collect();
+            let job_ids: Vec<Uuid> = claims.into_iter().flat_map(|(_, jobs)| jobs).collect();
+            // Most claims are of jobs that finished long ago: only those still running
+            // under the claim (not finished, not handed back and claimed again) are taken.
+            let jobs = sqlx::query_as(
                 "SELECT id, priority FROM jobs
-                 WHERE state = 'queued' AND NOT cancel_requested
-                   AND updated_at < now() - make_interval(secs => $2)
-                 ORDER BY updated_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+                 WHERE id = ANY($1) AND claim_id = ANY($2) AND state = 'running'
+                 ORDER BY id FOR UPDATE",
             )
-            .bind(limit)
-            .bind(after.as_secs_f64())
-            .fetch_all(conn)
-            .await
+            .bind(&job_ids)
+            .bind(&claim_ids)
+            .fetch_all(&mut *conn)
+            .await?;
+            Ok(RelayTake {
+                taken: claim_ids.len(),
+                jobs,
+            })
         }
     }
 }
@@ -986,7 +1031,7 @@ pub async fn relay_requeue(
         .await?;
     }
     sqlx::query(
-        "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_until = NULL, updated_at = now(),
+        "UPDATE jobs SET state = 'queued', lease_owner = NULL, retry_at = NULL, updated_at = now(),
                 last_error = CASE WHEN state = 'running'
                                   THEN 'lease expired: worker presumed dead' ELSE last_error END
          WHERE id = ANY($1)",
@@ -996,6 +1041,45 @@ pub async fn relay_requeue(
     .await?;
     owe_dispatch(conn, ids, false).await?;
     Ok(())
+}
+
+/// The safety net for messages lost in the broker (a purged queue): outbox entries
+/// published more than `after` ago are checked. Those with jobs still queued are owed
+/// again, for those jobs only (the relay publishes them next; duplicates are harmless
+/// because claims are fenced); those without are deleted, which is how published entries
+/// leave the outbox. Returns (entries checked, jobs owed again).
+pub async fn relay_reowe_stale(
+    conn: &mut PgConnection,
+    after: Duration,
+    limit: i64,
+) -> Result<(usize, usize), sqlx::Error> {
+    let (checked, owed): (i64, i64) = sqlx::query_as(
+        "WITH e AS (
+             SELECT id, job_ids FROM dispatch_outbox
+             WHERE published_at < now() - make_interval(secs => $2)
+             ORDER BY published_at LIMIT $1 FOR UPDATE SKIP LOCKED
+         ), q AS (
+             SELECT e.id, array_agg(j.id ORDER BY j.id) AS job_ids
+             FROM e CROSS JOIN LATERAL unnest(e.job_ids) AS u(id)
+             JOIN jobs j ON j.id = u.id
+             WHERE j.state = 'queued' AND NOT j.cancel_requested
+             GROUP BY e.id
+         ), gone AS (
+             DELETE FROM dispatch_outbox d USING e
+             WHERE d.id = e.id AND NOT EXISTS (SELECT 1 FROM q WHERE q.id = e.id)
+         ), again AS (
+             UPDATE dispatch_outbox d
+             SET job_ids = q.job_ids, published_at = NULL, self_publishing = false
+             FROM q WHERE d.id = q.id
+         )
+         SELECT (SELECT count(*) FROM e),
+                (SELECT coalesce(sum(cardinality(job_ids)), 0) FROM q)::int8",
+    )
+    .bind(limit)
+    .bind(after.as_secs_f64())
+    .fetch_one(conn)
+    .await?;
+    Ok((checked as usize, owed as usize))
 }
 
 /// Dispatch-outbox entries the relay publishes now: those nobody else is publishing, and
@@ -1010,7 +1094,8 @@ pub async fn relay_take_owed(
 ) -> Result<(Vec<i64>, Vec<DueJob>), sqlx::Error> {
     let entries: Vec<(i64,)> = sqlx::query_as(
         "SELECT id FROM dispatch_outbox
-         WHERE NOT self_publishing OR created_at < now() - make_interval(secs => $2)
+         WHERE published_at IS NULL
+           AND (NOT self_publishing OR created_at < now() - make_interval(secs => $2))
          ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
     .bind(limit)
@@ -1033,9 +1118,10 @@ pub async fn relay_take_owed(
     Ok((entries, jobs))
 }
 
-/// Deletes outbox entries whose messages the broker has confirmed.
+/// Marks outbox entries whose messages the broker has confirmed as published (see
+/// [`relay_reowe_stale`] for when they leave).
 pub async fn relay_settle(conn: &mut PgConnection, entries: &[i64]) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM dispatch_outbox WHERE id = ANY($1)")
+    sqlx::query("UPDATE dispatch_outbox SET published_at = now() WHERE id = ANY($1)")
         .bind(entries)
         .execute(conn)
         .await?;
@@ -1161,7 +1247,10 @@ pub struct JobRow {
 pub(crate) const JOB_COLUMNS: &str =
     "j.id, j.batch_id, j.seq, j.owner, b.name AS backend, j.op, j.cid,
     j.replaces_cid, j.name, j.meta, j.priority, j.state, j.attempt, j.max_attempts, j.run_at,
-    j.lease_owner, j.lease_until, j.last_error, j.created_at, j.updated_at,
+    j.lease_owner,
+    (SELECT c.lease_until FROM job_claims c WHERE c.id = j.claim_id AND j.state = 'running')
+        AS lease_until,
+    j.last_error, j.created_at, j.updated_at,
     j.started_at, j.finished_at";
 
 /// One page of a batch's jobs in submission order, after the cursor `(seq, id)`.
@@ -1303,7 +1392,7 @@ pub async fn cancel_job(
              SET state = CASE WHEN t.state IN ('queued', 'retry_wait') THEN 'cancelled' ELSE j.state END,
                  finished_at = CASE WHEN t.state IN ('queued', 'retry_wait') THEN now() ELSE j.finished_at END,
                  cancel_requested = (t.state = 'running') OR j.cancel_requested,
-                 updated_at = now()
+                 retry_at = NULL, updated_at = now()
              FROM target t WHERE j.id = t.id AND t.state IN ('queued', 'retry_wait', 'running')
          )
          SELECT state FROM target",
@@ -1340,7 +1429,7 @@ pub async fn cancel_batch(pool: &PgPool, batch_id: Uuid) -> Result<BatchCancel, 
          SET state = CASE WHEN j.state = 'running' THEN j.state ELSE 'cancelled' END,
              finished_at = CASE WHEN j.state = 'running' THEN j.finished_at ELSE now() END,
              cancel_requested = j.cancel_requested OR j.state = 'running',
-             updated_at = now()
+             retry_at = NULL, updated_at = now()
          FROM target WHERE j.id = target.id
          RETURNING j.state = 'running'",
     )
@@ -1425,7 +1514,10 @@ pub async fn list_workers(pool: &PgPool) -> Result<Vec<WorkerRow>, sqlx::Error> 
     sqlx::query_as(
         "SELECT w.id, w.host, w.pid, w.concurrency, w.in_flight, w.state, w.started_at,
                 w.last_heartbeat,
-                (SELECT count(*) FROM jobs j WHERE j.state = 'running' AND j.lease_owner = w.id)
+                (SELECT count(*) FROM job_claims c
+                 CROSS JOIN LATERAL unnest(c.job_ids) AS u(id)
+                 JOIN jobs j ON j.id = u.id
+                 WHERE c.worker_id = w.id AND j.claim_id = c.id AND j.state = 'running')
                     AS running_jobs
          FROM workers w
          WHERE w.state IN ('running', 'stopping') OR w.last_heartbeat > now() - interval '1 hour'
@@ -1436,8 +1528,8 @@ pub async fn list_workers(pool: &PgPool) -> Result<Vec<WorkerRow>, sqlx::Error> 
 }
 
 /// Marks workers whose heartbeat is older than `stale` as lost, and expires the leases of
-/// their running jobs so the relay takes those back at once instead of waiting out the
-/// lease. Returns (workers marked lost, leases expired).
+/// their claims so the relay takes their running jobs back at once instead of waiting out
+/// the lease. Returns (workers marked lost, claims expired).
 pub async fn reap_lost_workers(pool: &PgPool, stale: Duration) -> Result<(u64, u64), sqlx::Error> {
     let mut tx = pool.begin().await?;
     let lost: Vec<(Uuid,)> = sqlx::query_as(
@@ -1454,10 +1546,8 @@ pub async fn reap_lost_workers(pool: &PgPool, stale: Duration) -> Result<(u64, u
         0
     } else {
         sqlx::query(
-            "UPDATE jobs SET lease_until = now() - interval '1 second'
-             WHERE id IN (SELECT id FROM jobs
-                          WHERE state = 'running' AND lease_owner = ANY($1)
-                          ORDER BY id FOR UPDATE)",
+            "UPDATE job_claims SET lease_until = now() - interval '1 second'
+             WHERE worker_id = ANY($1) AND lease_until >= now()",
         )
         .bind(&ids)
         .execute(&mut *tx)

@@ -543,7 +543,7 @@ async fn stop_batch(tx: &mut Transaction<'_, Postgres>, batch_id: Uuid) -> Resul
              state = CASE WHEN state IN ('queued', 'retry_wait') THEN 'cancelled' ELSE state END,
              finished_at = CASE WHEN state IN ('queued', 'retry_wait') THEN now() ELSE finished_at END,
              cancel_requested = cancel_requested OR state = 'running',
-             updated_at = now()
+             retry_at = NULL, updated_at = now()
          WHERE batch_id = $1 AND state IN ('queued', 'retry_wait', 'running')",
     )
     .bind(batch_id)

@@ -1,9 +1,10 @@
 //! pinq-scheduler: pinq's clock.
 //!
 //! Its relay keeps the broker in step with PostgreSQL: it publishes jobs the API
-//! committed but never got confirmed by the broker, retries whose `run_at` has come, and
-//! jobs whose worker lease expired (the worker is presumed dead). Each pass locks its rows
-//! with `FOR UPDATE SKIP LOCKED`, so any number of schedulers can run side by side.
+//! committed but never got confirmed by the broker, retries whose `retry_at` has come, and
+//! jobs whose claim's lease expired (the worker is presumed dead), and publishes again the
+//! jobs of messages published long ago that never started. Each pass locks its rows with
+//! `FOR UPDATE SKIP LOCKED`, so any number of schedulers can run side by side.
 
 mod cron;
 mod tasks;
@@ -102,31 +103,42 @@ impl Relay {
         }
     }
 
-    /// One pass: reap silent workers, move due retries, expired leases and stale queued
-    /// jobs back to `queued` (each scan owing their messages in the dispatch outbox), then
-    /// publish what the outbox holds. Returns the most jobs any one step handled.
+    /// One pass: reap silent workers, move due retries and the jobs of expired leases
+    /// back to `queued` (each scan owing their messages in the dispatch outbox), owe again
+    /// the jobs of long-published entries that never started, then publish what the outbox
+    /// holds. Returns the most rows any one step handled.
     pub async fn pass(&self) -> anyhow::Result<usize> {
-        let scans = [
-            RelayScan::ExpiredLeases,
-            RelayScan::DueRetries,
-            RelayScan::Stale {
-                after: Duration::from_secs(self.settings.redispatch_after_secs),
-            },
-        ];
         let stale = Duration::from_secs(self.settings.worker_stale_secs.max(1));
-        let (lost, released) = db::reap_lost_workers(&self.pool, stale).await?;
+        let (lost, claims) = db::reap_lost_workers(&self.pool, stale).await?;
         if lost > 0 {
             tracing::warn!(
                 workers = lost,
-                jobs = released,
+                claims,
                 "workers stopped heartbeating; marked lost and their leases expired"
             );
         }
         let mut most = 0;
-        for scan in scans {
+        for scan in [RelayScan::ExpiredLeases, RelayScan::DueRetries] {
             most = most.max(self.requeue(scan).await?);
         }
+        most = most.max(self.reowe_stale().await?);
         Ok(most.max(self.publish_owed().await?))
+    }
+
+    /// The safety net for messages lost in the broker: see [`db::relay_reowe_stale`].
+    async fn reowe_stale(&self) -> anyhow::Result<usize> {
+        let after = Duration::from_secs(self.settings.redispatch_after_secs.max(1));
+        let mut tx = self.pool.begin().await?;
+        let (checked, owed) =
+            db::relay_reowe_stale(&mut tx, after, self.settings.relay_batch).await?;
+        tx.commit().await?;
+        if owed > 0 {
+            tracing::warn!(
+                jobs = owed,
+                "queued jobs never started long after their message was published; publishing them again"
+            );
+        }
+        Ok(checked)
     }
 
     /// Moves one scan's jobs back to `queued` and owes their messages, in one transaction
@@ -135,12 +147,13 @@ impl Relay {
     /// worker that still sees `retry_wait` or `running` and drops it.
     async fn requeue(&self, scan: RelayScan) -> anyhow::Result<usize> {
         let mut tx = self.pool.begin().await?;
-        let due = db::relay_lock_due(&mut tx, scan, self.settings.relay_batch).await?;
-        if due.is_empty() {
-            tx.rollback().await?;
-            return Ok(0);
+        let take = db::relay_lock_due(&mut tx, scan, self.settings.relay_batch).await?;
+        if take.jobs.is_empty() {
+            // Expired claims whose jobs had all finished are deleted all the same.
+            tx.commit().await?;
+            return Ok(take.taken);
         }
-        let ids: Vec<Uuid> = due.iter().map(|j| j.id).collect();
+        let ids: Vec<Uuid> = take.jobs.iter().map(|j| j.id).collect();
         db::relay_requeue(&mut tx, scan, &ids).await?;
         tx.commit().await?;
         match scan {
@@ -148,14 +161,8 @@ impl Relay {
                 tracing::warn!(jobs = ids.len(), "requeued jobs whose lease expired")
             }
             RelayScan::DueRetries => tracing::info!(jobs = ids.len(), "requeued due retries"),
-            RelayScan::Stale { .. } => {
-                tracing::warn!(
-                    jobs = ids.len(),
-                    "queued jobs never started; publishing them again"
-                )
-            }
         }
-        Ok(ids.len())
+        Ok(take.taken)
     }
 
     /// Publishes the dispatch outbox's due entries with confirms and deletes them, in one

@@ -172,12 +172,10 @@ async fn a_group_of_successes_writes_only_what_its_lease_still_covers() -> anyho
     .await?;
     let claimed = claim(&db, &ids, worker).await?;
     assert_eq!(claimed.len(), 3);
-    sqlx::query(
-        "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_until = NULL WHERE id = $1",
-    )
-    .bind(ids[1])
-    .execute(&db.pool)
-    .await?;
+    sqlx::query("UPDATE jobs SET state = 'queued', lease_owner = NULL WHERE id = $1")
+        .bind(ids[1])
+        .execute(&db.pool)
+        .await?;
     let group: Vec<&ClaimedJob> = claimed.iter().collect();
     let written = db::finish_succeeded(&db.pool, &group, worker).await?;
     assert_eq!(written, vec![ids[0], ids[2]]);

@@ -242,9 +242,11 @@ async fn a_duplicate_delivery_does_not_run_the_job_twice() -> anyhow::Result<()>
     // Wait for the regular message to be confirmed, then put two more copies beside it.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        // Its dispatch-outbox entry goes once the broker has confirmed the message.
+        // Its dispatch-outbox entry is marked published once the broker has confirmed
+        // the message.
         let (dispatched,): (bool,) = sqlx::query_as(
-            "SELECT NOT EXISTS (SELECT 1 FROM dispatch_outbox WHERE $1 = ANY(job_ids))",
+            "SELECT NOT EXISTS (SELECT 1 FROM dispatch_outbox
+                                WHERE $1 = ANY(job_ids) AND published_at IS NULL)",
         )
         .bind(job_id)
         .fetch_one(&stack.db.pool)
@@ -323,9 +325,10 @@ async fn a_job_whose_message_was_lost_in_the_broker_is_published_again() -> anyh
     // Published and confirmed: nothing is owed any more.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let (owed,): (i64,) = sqlx::query_as("SELECT count(*) FROM dispatch_outbox")
-            .fetch_one(&stack.db.pool)
-            .await?;
+        let (owed,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM dispatch_outbox WHERE published_at IS NULL")
+                .fetch_one(&stack.db.pool)
+                .await?;
         if owed == 0 {
             break;
         }
@@ -492,10 +495,12 @@ async fn a_batch_submitted_while_the_broker_is_unreachable_finishes_when_it_retu
     tokio::time::sleep(Duration::from_secs(3)).await;
     let b = stack.batch(id).await?;
     assert_eq!(b["counts"]["queued"], 30, "accepted and waiting: {b}");
-    let (undispatched,): (i64,) =
-        sqlx::query_as("SELECT count(DISTINCT j) FROM dispatch_outbox o, unnest(o.job_ids) AS j")
-            .fetch_one(&stack.db.pool)
-            .await?;
+    let (undispatched,): (i64,) = sqlx::query_as(
+        "SELECT count(DISTINCT j) FROM dispatch_outbox o, unnest(o.job_ids) AS j
+                        WHERE o.published_at IS NULL",
+    )
+    .fetch_one(&stack.db.pool)
+    .await?;
     assert_eq!(
         undispatched, 30,
         "no message could be published: all still owed"

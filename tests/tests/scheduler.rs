@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use pinq_core::cid::canonical_of;
 use pinq_e2e::{Proc, Stack, bin_path, unique_contents};
 use serde_json::{Value, json};
+use uuid::Uuid;
 
 /// Starts one more scheduler process beside the stack's own (the harness holds one).
 fn spawn_scheduler(stack: &Stack, label: &str) -> anyhow::Result<Proc> {
@@ -107,6 +108,36 @@ where
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Runs a schedule now through the admin API and waits for the run to end; returns its
+/// status and output.
+async fn run_now(stack: &Stack, schedule: &str) -> anyhow::Result<(String, Value)> {
+    let resp = stack
+        .req(
+            reqwest::Method::POST,
+            &format!("/v1/schedules/{schedule}/run"),
+        )
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 202);
+    let run: Value = resp.json().await?;
+    let run_id = run["id"].as_i64().expect("run id");
+    assert_eq!(run["manual"], true);
+    wait_until("the manual run to end", Duration::from_secs(30), || async {
+        let (status,): (String,) = sqlx::query_as("SELECT status FROM schedule_runs WHERE id = $1")
+            .bind(run_id)
+            .fetch_one(&stack.db.pool)
+            .await?;
+        Ok(status != "pending" && status != "running")
+    })
+    .await?;
+    let (status, output): (String, sqlx::types::Json<Value>) =
+        sqlx::query_as("SELECT status, output FROM schedule_runs WHERE id = $1")
+            .bind(run_id)
+            .fetch_one(&stack.db.pool)
+            .await?;
+    Ok((status, output.0))
 }
 
 async fn backend_status(stack: &Stack, name: &str) -> anyhow::Result<String> {
@@ -416,33 +447,7 @@ async fn index_update_repairs_a_missing_pin_and_records_an_unmanaged_one() -> an
     stack.ipfs().pin_direct(lost, false).await?;
     stack.ipfs().pin_direct(stranger, true).await?;
 
-    let resp = stack
-        .req(reqwest::Method::POST, "/v1/schedules/index-update/run")
-        .send()
-        .await?;
-    assert_eq!(resp.status(), 202);
-    let run: Value = resp.json().await?;
-    let run_id = run["id"].as_i64().expect("run id");
-    assert_eq!(run["manual"], true);
-    wait_until(
-        "the index update to finish",
-        Duration::from_secs(30),
-        || async {
-            let (status,): (String,) =
-                sqlx::query_as("SELECT status FROM schedule_runs WHERE id = $1")
-                    .bind(run_id)
-                    .fetch_one(&stack.db.pool)
-                    .await?;
-            Ok(status != "pending" && status != "running")
-        },
-    )
-    .await?;
-    let (status, output): (String, sqlx::types::Json<Value>) =
-        sqlx::query_as("SELECT status, output FROM schedule_runs WHERE id = $1")
-            .bind(run_id)
-            .fetch_one(&stack.db.pool)
-            .await?;
-    let output = output.0;
+    let (status, output) = run_now(&stack, "index-update").await?;
     assert_eq!(status, "succeeded", "{output}");
     assert_eq!(output["listed"], 2, "{output}");
     assert_eq!(output["verified"], 1, "{output}");
@@ -479,6 +484,77 @@ async fn index_update_repairs_a_missing_pin_and_records_an_unmanaged_one() -> an
     assert!(
         stack.pin_index("local").await?.contains(&lost_key),
         "the index says pinned again"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_deletes_old_finished_batches_and_keeps_the_rest() -> anyhow::Result<()> {
+    let mut stack = Stack::new().await?;
+    stack.start_ipfs().await?;
+    stack.start_api().await?;
+    stack.register_ipfs_backend("local").await?;
+    patch_schedule(&stack, "prune", json!({"enabled": false})).await?;
+    stack.start_worker()?;
+    stack.start_scheduler()?;
+
+    let cids = stack.ipfs().add_unpinned(&unique_contents(6)).await?;
+    let mut batches = Vec::new();
+    for pair in cids.chunks(2) {
+        let ops: Vec<Value> = pair
+            .iter()
+            .map(|c| json!({"op": "pin", "cid": c}))
+            .collect();
+        let batch = stack.submit_ok(&json!({"ops": ops})).await?;
+        stack.wait_done(batch, Duration::from_secs(60)).await?;
+        batches.push(batch);
+    }
+    let (old, unfinished, recent) = (batches[0], batches[1], batches[2]);
+    // Two batches are a year old; one of them still has a job waiting to retry.
+    sqlx::query("UPDATE batches SET created_at = now() - interval '365 days' WHERE id = ANY($1)")
+        .bind(vec![old, unfinished])
+        .execute(&stack.db.pool)
+        .await?;
+    sqlx::query(
+        "UPDATE jobs SET updated_at = now() - interval '365 days' WHERE batch_id = ANY($1)",
+    )
+    .bind(vec![old, unfinished])
+    .execute(&stack.db.pool)
+    .await?;
+    sqlx::query(
+        "UPDATE jobs SET state = 'retry_wait', finished_at = NULL,
+                retry_at = now() + interval '1 day', run_at = now() + interval '1 day'
+         WHERE id = (SELECT id FROM jobs WHERE batch_id = $1 ORDER BY seq LIMIT 1)",
+    )
+    .bind(unfinished)
+    .execute(&stack.db.pool)
+    .await?;
+
+    let (status, output) = run_now(&stack, "prune").await?;
+    assert_eq!(status, "succeeded", "{output}");
+    assert_eq!(output["jobs_deleted"], 2, "{output}");
+    assert_eq!(output["batches_deleted"], 1, "{output}");
+    let left: Vec<(Uuid, i64)> = sqlx::query_as(
+        "SELECT b.id, (SELECT count(*) FROM jobs j WHERE j.batch_id = b.id)
+         FROM batches b ORDER BY b.created_at",
+    )
+    .fetch_all(&stack.db.pool)
+    .await?;
+    assert_eq!(
+        left,
+        vec![(unfinished, 2), (recent, 2)],
+        "the old finished batch went with its jobs; the unfinished and the recent stay whole"
+    );
+    let (attempts,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM job_attempts a JOIN jobs j ON j.id = a.job_id")
+            .fetch_one(&stack.db.pool)
+            .await?;
+    let (all_attempts,): (i64,) = sqlx::query_as("SELECT count(*) FROM job_attempts")
+        .fetch_one(&stack.db.pool)
+        .await?;
+    assert_eq!(
+        attempts, all_attempts,
+        "the deleted jobs' attempts went with them"
     );
     Ok(())
 }

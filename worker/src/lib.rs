@@ -374,10 +374,11 @@ struct JobSignals {
     cancel: CancellationToken,
 }
 
-/// Runs claimed jobs concurrently, each holding one permit while it calls its backend,
-/// under one lease keeper.
+/// Runs the jobs of one claim concurrently, each holding one permit while it calls its
+/// backend, under one lease keeper that extends the claim's lease.
 async fn run_group(ctx: Arc<Ctx>, jobs: Vec<ClaimedJob>, mut permit: OwnedSemaphorePermit) {
     let lease = Duration::from_secs(ctx.args.lease_secs.max(3));
+    let claim_id = jobs.first().map_or(0, |j| j.claim_id);
     ctx.in_flight.fetch_add(jobs.len(), Ordering::Relaxed);
     let signals: HashMap<Uuid, JobSignals> =
         jobs.iter().map(|j| (j.id, JobSignals::default())).collect();
@@ -389,6 +390,7 @@ async fn run_group(ctx: Arc<Ctx>, jobs: Vec<ClaimedJob>, mut permit: OwnedSemaph
     let keeper = tokio::spawn(keep_leases(
         ctx.pool.clone(),
         ctx.id,
+        claim_id,
         lease,
         running.clone(),
         signals.clone(),
@@ -578,12 +580,13 @@ async fn write_outcome(ctx: &Ctx, job: &ClaimedJob, outcome: &Outcome) {
     }
 }
 
-/// Extends the leases of a group's running jobs every third of the lease (at most every
-/// few seconds, since the extension also reports cancel requests), in one statement, and
-/// signals each job whose lease is gone or whose cancellation was requested.
+/// Extends the lease of a group's claim every third of the lease (at most every few
+/// seconds, since the extension also reports cancel requests) while some of its jobs run,
+/// and signals each job whose lease is gone or whose cancellation was requested.
 async fn keep_leases(
     pool: PgPool,
     worker_id: Uuid,
+    claim_id: i64,
     lease: Duration,
     running: Arc<std::sync::Mutex<HashMap<Uuid, i32>>>,
     signals: HashMap<Uuid, JobSignals>,
@@ -599,7 +602,7 @@ async fn keep_leases(
         if jobs.is_empty() {
             return;
         }
-        match db::extend_leases(&pool, &jobs, worker_id, lease).await {
+        match db::extend_leases(&pool, claim_id, &jobs, worker_id, lease).await {
             Ok(statuses) => {
                 for (id, status) in statuses {
                     let Some(sig) = signals.get(&id) else {

@@ -25,9 +25,12 @@ pub async fn run(ctx: &TaskCtx, args: &Value) -> anyhow::Result<Value> {
         sqlx::query(
             // The outer state test is checked again on the row being deleted, so a job
             // re-driven while this runs is not deleted.
+            // Old jobs are found through their batches (`batches_created`): no index of
+            // `jobs` names a column a job's progress changes (see the `hot_jobs` migration).
             "DELETE FROM jobs WHERE id IN (
-                 SELECT j.id FROM jobs j
-                 WHERE j.state IN ('succeeded', 'failed', 'cancelled')
+                 SELECT j.id FROM batches b JOIN jobs j ON j.batch_id = b.id
+                 WHERE b.created_at < now() - make_interval(days => $2::int)
+                   AND j.state IN ('succeeded', 'failed', 'cancelled')
                    AND j.updated_at < now() - make_interval(days => $2::int)
                    AND NOT EXISTS (SELECT 1 FROM jobs o WHERE o.batch_id = j.batch_id
                                    AND o.state IN ('queued', 'running', 'retry_wait'))

@@ -368,7 +368,7 @@ async fn counts(pool: &PgPool, batches: &[Uuid]) -> anyhow::Result<(i64, i64, i6
     let row: (i64, i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE state = 'succeeded'),
                 count(*) FILTER (WHERE state IN ('succeeded', 'failed', 'cancelled')),
-                (SELECT count(*) FROM dispatch_outbox)
+                (SELECT count(*) FROM dispatch_outbox WHERE published_at IS NULL)
          FROM jobs WHERE batch_id = ANY($1)",
     )
     .bind(batches)
