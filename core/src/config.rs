@@ -123,7 +123,7 @@ pub struct PsaArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct WorkerArgs {
     /// Backend calls one worker process runs at once. It may hold a few more jobs claimed
-    /// (two of its smallest claims, an eighth of this each), ready to start as calls end.
+    /// (two of its smallest claims, a quarter of this each), ready to start as calls end.
     #[arg(long, env = "PINQ_WORKER_CONCURRENCY", default_value_t = 32)]
     pub concurrency: usize,
     /// Unacknowledged messages the broker may hand this worker (0: twice the messages
