@@ -8,8 +8,8 @@
 -- the relay's scans and of retention; so each of the two updates of every job added an
 -- entry to every index of `jobs` whose predicate the new row matched (five or six of
 -- them). Measured with the claim and success statements replayed by pgbench on 100,000
--- jobs (32 jobs a statement, 4 clients, a 2-vCPU machine): 11,800–14,300 jobs/s before,
--- 17,200–19,100 jobs/s without those indexes.
+-- jobs (32 jobs a statement, 4 clients, a 2-vCPU machine; bench/hot-replay/run.sh):
+-- 11,800–14,300 jobs/s before, 17,200–19,100 jobs/s without those indexes.
 --
 -- What the dropped indexes served now comes from columns the hot path leaves alone, or
 -- from small tables of their own:

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Replays the worker's claim and success statements with pgbench on 100,000 jobs, on the
+# schema as it was before `migrations/…_hot_jobs.sql` (its indexes on columns that claims
+# and successes change) and then without those indexes, to show what HOT updates are
+# worth on this machine without the rest of the stack (docs/performance.md).
+#
+#   bench/hot-replay/run.sh            # 3 runs of each, 4 clients, 32 jobs a statement
+#
+# Uses a scratch database `pinq_hot_replay` on $PGHOST (default 127.0.0.1), dropped at
+# the end. The statements are the claim and success of the worker before that migration
+# (lease columns on `jobs`), written out by hand in `claim_and_succeed.sql`.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+export PGHOST="${PGHOST:-127.0.0.1}" PGUSER="${PGUSER:-postgres}"
+db=pinq_hot_replay
+runs="${RUNS:-3}"
+
+psql -qX -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
+trap 'psql -qX -c "DROP DATABASE IF EXISTS $db" >/dev/null' EXIT
+for m in ../../migrations/*.sql; do
+    case "$m" in *hot_jobs.sql) break ;; esac
+    psql -qX -v ON_ERROR_STOP=1 -d "$db" -f "$m" >/dev/null
+done
+
+replay() {
+    for _ in $(seq "$runs"); do
+        psql -qX -v ON_ERROR_STOP=1 -d "$db" -f setup.sql >/dev/null 2>&1
+        sleep 2
+        pgbench -n -c 4 -j 2 -t 781 -f claim_and_succeed.sql "$db" 2>/dev/null |
+            awk -v what="$1" '/^tps/ {printf "%-40s %8.0f jobs/s\n", what, $3 * 32}'
+    done
+}
+
+replay "with the indexes the hot path changes"
+psql -qX -d "$db" -c "DROP INDEX jobs_queued_since, jobs_lease, jobs_lease_owner, jobs_finished_age, jobs_retry_due" \
+    -c "ALTER TABLE jobs SET (fillfactor = 50)" >/dev/null
+replay "without them (HOT updates possible)"
