@@ -146,7 +146,7 @@ async fn an_expired_claim_gives_back_only_its_running_jobs_and_leaves() -> anyho
     let backend = db::insert_backend(&db.pool, "b", "kubo", "http://127.0.0.1:9").await?;
     let worker = Uuid::new_v4();
     let ids = store(&db.pool, backend.id, 3).await?;
-    let claimed = db::claim_jobs(&db.pool, &ids, worker, Duration::from_secs(1)).await?;
+    let claimed = db::claim_jobs(&db.pool, &ids, worker, Duration::from_secs(2)).await?;
     assert_eq!(claimed.len(), 3);
     let claim = claimed[0].claim_id;
     assert!(
@@ -160,7 +160,7 @@ async fn an_expired_claim_gives_back_only_its_running_jobs_and_leaves() -> anyho
     let (taken, requeued) = relay_scan(&db.pool, RelayScan::ExpiredLeases).await?;
     assert_eq!((taken, requeued.len()), (0, 0));
 
-    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    tokio::time::sleep(Duration::from_millis(2_200)).await;
     let (taken, requeued) = relay_scan(&db.pool, RelayScan::ExpiredLeases).await?;
     assert_eq!(taken, 1, "the expired claim was taken");
     assert_eq!(
