@@ -419,8 +419,9 @@ impl ClaimedJob {
 }
 
 /// Atomically moves queued jobs to running under one new lease of this worker (a
-/// `job_claims` row naming them) and bumps their attempt, in one statement. Jobs that are not claimable (already running, finished,
-/// cancelled or unknown) are left out: their delivery was a duplicate. The claim waits for
+/// `job_claims` row naming them) and bumps their attempt, in one statement. Jobs that are
+/// not claimable (already running, finished, cancelled or unknown) are left out: their
+/// delivery was a duplicate. The claim waits for
 /// row locks rather than skipping locked rows: a row locked by a writer that may leave it
 /// `queued` (the relay republishing a job that waited long, a cancel or a re-drive under
 /// way) must not cost a good delivery. Rows are locked in id order, as the other hot-path

@@ -444,6 +444,13 @@ impl IpfsNode {
 }
 
 /// `n` distinct small contents, unique to this call.
+/// The SQLSTATE of a database error (`"23503"` for a foreign-key violation), if it is one.
+pub fn sqlstate(err: &sqlx::Error) -> Option<String> {
+    err.as_database_error()
+        .and_then(|e| e.code())
+        .map(|c| c.into_owned())
+}
+
 pub fn unique_contents(n: usize) -> Vec<Vec<u8>> {
     let salt = Uuid::new_v4();
     (0..n)

@@ -135,11 +135,7 @@ async fn a_batch_is_one_statement_and_its_outbox_row_names_every_job() -> anyhow
     let err = db::insert_batch(&db.pool, &gone)
         .await
         .expect_err("a missing backend is refused");
-    let code = err
-        .as_database_error()
-        .and_then(|e| e.code())
-        .map(|c| c.into_owned());
-    assert_eq!(code.as_deref(), Some("23503"), "{err}");
+    assert_eq!(pinq_e2e::sqlstate(&err).as_deref(), Some("23503"), "{err}");
     assert_eq!(db.count("batches").await, 1);
     assert_eq!(db.count("jobs").await, 2);
     Ok(())

@@ -379,11 +379,7 @@ async fn writers_of_jobs_cannot_name_a_missing_backend() -> anyhow::Result<()> {
         .execute(&stack.db.pool)
         .await
         .expect_err("a missing backend is refused");
-    let code = err
-        .as_database_error()
-        .and_then(|e| e.code())
-        .map(|c| c.into_owned());
-    assert_eq!(code.as_deref(), Some("23503"), "{err}");
+    assert_eq!(pinq_e2e::sqlstate(&err).as_deref(), Some("23503"), "{err}");
 
     // While a batch's transaction holds the lock, the backend cannot be deleted; once it
     // committed, the deletion sees the new job and refuses.
