@@ -143,6 +143,8 @@ pub async fn submit(
 
     let mut jobs = Vec::with_capacity(request.ops.len() * backends.len());
     for (seq, op) in request.ops.iter().enumerate() {
+        let cid_key = op.cid.canonical();
+        let replaces_key = op.replaces.map(|c| c.canonical());
         for backend in &backends {
             jobs.push(NewJob {
                 id: Uuid::now_v7(),
@@ -151,6 +153,8 @@ pub async fn submit(
                 op: op.op,
                 cid: op.cid.to_string(),
                 replaces_cid: op.replaces.map(|c| c.to_string()),
+                cid_key: cid_key.clone(),
+                replaces_key: replaces_key.clone(),
                 name: op.name.clone(),
                 meta: Value::Object(op.meta.clone()),
             });

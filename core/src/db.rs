@@ -198,6 +198,10 @@ pub struct NewJob {
     pub op: Op,
     pub cid: String,
     pub replaces_cid: Option<String>,
+    /// The canonical forms of `cid` and `replaces_cid` ([`crate::cid::PinCid::canonical`]):
+    /// jobs sharing a key and a backend run in submission order.
+    pub cid_key: String,
+    pub replaces_key: Option<String>,
     pub name: Option<String>,
     pub meta: Value,
 }
@@ -238,6 +242,8 @@ pub async fn insert_batch(pool: &PgPool, batch: &NewBatch) -> Result<Stored, sql
     let mut ops = Vec::with_capacity(n);
     let mut cids = Vec::with_capacity(n);
     let mut replaces = Vec::with_capacity(n);
+    let mut cid_keys = Vec::with_capacity(n);
+    let mut replaces_keys = Vec::with_capacity(n);
     let mut names = Vec::with_capacity(n);
     let mut metas = Vec::with_capacity(n);
     for j in &batch.jobs {
@@ -247,6 +253,8 @@ pub async fn insert_batch(pool: &PgPool, batch: &NewBatch) -> Result<Stored, sql
         ops.push(j.op.as_str().to_owned());
         cids.push(j.cid.clone());
         replaces.push(j.replaces_cid.clone());
+        cid_keys.push(j.cid_key.clone());
+        replaces_keys.push(j.replaces_key.clone());
         names.push(j.name.clone());
         metas.push(j.meta.to_string());
     }
@@ -265,12 +273,13 @@ pub async fn insert_batch(pool: &PgPool, batch: &NewBatch) -> Result<Stored, sql
          ), j AS (
              INSERT INTO jobs (id, batch_id, seq, owner, backend_id, op, cid, replaces_cid, name,
                                meta, priority, max_attempts, backoff_base_ms, backoff_factor,
-                               backoff_max_ms)
+                               backoff_max_ms, cid_key, replaces_key)
              SELECT t.id, b.id, t.seq, $2, t.backend_id, t.op, t.cid, t.replaces_cid, t.name,
-                    t.meta::jsonb, $3, $16, $17, $18, $19
+                    t.meta::jsonb, $3, $16, $17, $18, $19, t.cid_key, t.replaces_key
              FROM b, UNNEST($8::uuid[], $9::int4[], $10::uuid[], $11::text[], $12::text[],
-                            $13::text[], $14::text[], $15::text[])
-                  AS t(id, seq, backend_id, op, cid, replaces_cid, name, meta)
+                            $13::text[], $14::text[], $15::text[], $21::text[], $22::text[])
+                  AS t(id, seq, backend_id, op, cid, replaces_cid, name, meta, cid_key,
+                       replaces_key)
          )
          INSERT INTO dispatch_outbox (job_ids, self_publishing)
          SELECT $8, true FROM b, (SELECT pinq_lock_backends($20)) AS locked
@@ -296,6 +305,8 @@ pub async fn insert_batch(pool: &PgPool, batch: &NewBatch) -> Result<Stored, sql
     .bind(batch.retry.factor)
     .bind(batch.retry.max_delay.as_millis() as i32)
     .bind(&backends)
+    .bind(&cid_keys)
+    .bind(&replaces_keys)
     .fetch_optional(pool)
     .await?;
     let Some((entry,)) = entry else {
@@ -429,6 +440,12 @@ impl ClaimedJob {
 /// of deadlocking. The attempt's record is written when it ends (see [`finish_job`]);
 /// until then the job's row is the record of the running attempt. No column an index of
 /// `jobs` names changes, so the rows are updated in place (see the `hot_jobs` migration).
+///
+/// Jobs on one key (backend, and the canonical form of either CID a job touches) run one
+/// at a time in submission order: a job with an earlier job on its key that has not ended,
+/// or with any job on its key running now, is not claimed but parked (`retry_wait`, no
+/// `retry_at`, `blocked_by` naming the job it waits for) until the relay finds that job
+/// ended (see the `cid_order` migration). It is left out of the answer like a duplicate.
 pub async fn claim_jobs(
     pool: &PgPool,
     job_ids: &[Uuid],
@@ -437,18 +454,42 @@ pub async fn claim_jobs(
 ) -> Result<Vec<ClaimedJob>, sqlx::Error> {
     sqlx::query_as(
         "WITH target AS (
-             SELECT id FROM jobs WHERE id = ANY($1) AND state = 'queued'
+             SELECT id, backend_id, cid_key, replaces_key, submit_seq FROM jobs
+             WHERE id = ANY($1) AND state = 'queued'
              ORDER BY id FOR UPDATE
+         ), ahead AS (
+             -- For each job, the latest other job on one of its keys that runs now or is
+             -- earlier and has not ended. Almost every job finds only itself.
+             SELECT t.id, a.id AS blocker FROM target t
+             CROSS JOIN LATERAL (
+                 SELECT o.id FROM jobs o
+                 WHERE o.backend_id = t.backend_id
+                   AND (o.cid_key IN (t.cid_key, t.replaces_key)
+                        OR o.replaces_key IN (t.cid_key, t.replaces_key))
+                   AND o.id <> t.id
+                   AND (o.state = 'running'
+                        OR (o.state IN ('queued', 'retry_wait') AND o.submit_seq < t.submit_seq))
+                 ORDER BY o.submit_seq DESC LIMIT 1
+             ) a
+         ), parked AS (
+             UPDATE jobs j
+             SET state = 'retry_wait', retry_at = NULL, blocked_by = ahead.blocker,
+                 updated_at = now(),
+                 last_error = 'waiting for job ' || ahead.blocker
+                              || ', an earlier operation on this CID and backend'
+             FROM ahead WHERE j.id = ahead.id
+         ), ready AS (
+             SELECT id FROM target WHERE id NOT IN (SELECT id FROM ahead)
          ), claim AS (
              INSERT INTO job_claims (worker_id, job_ids, lease_until)
-             SELECT $2, array_agg(id), now() + make_interval(secs => $3) FROM target
+             SELECT $2, array_agg(id), now() + make_interval(secs => $3) FROM ready
              HAVING count(*) > 0
              RETURNING id
          ), c AS (
              UPDATE jobs j
              SET state = 'running', attempt = j.attempt + 1, lease_owner = $2,
                  claim_id = claim.id, started_at = now(), updated_at = now()
-             FROM target, claim WHERE j.id = target.id
+             FROM ready, claim WHERE j.id = ready.id
              RETURNING j.id, j.batch_id, j.backend_id, j.owner, j.op, j.cid, j.replaces_cid,
                        j.name, j.priority, j.attempt, j.max_attempts, j.backoff_base_ms,
                        j.backoff_factor, j.backoff_max_ms, j.started_at, j.claim_id
@@ -931,6 +972,9 @@ pub enum RelayScan {
     /// Running jobs whose claim's lease expired: the worker is presumed dead. Claims whose
     /// jobs have all finished are deleted by the same scan once their lease runs out.
     ExpiredLeases,
+    /// Parked jobs (see [`claim_jobs`]) whose blocker has ended. One still behind another
+    /// job is parked again by its next claim.
+    Unblocked,
 }
 
 /// What a relay scan locked: how many rows it took (jobs, or claims for
@@ -951,60 +995,69 @@ pub async fn relay_lock_due(
     scan: RelayScan,
     limit: i64,
 ) -> Result<RelayTake, sqlx::Error> {
-    match scan {
+    let sql = match scan {
         RelayScan::DueRetries => {
-            let jobs: Vec<DueJob> = sqlx::query_as(
-                "SELECT j.id, j.priority FROM jobs j
-                 WHERE j.retry_at <= now() AND j.state = 'retry_wait'
-                   -- Jobs for a backend the health checks hold down wait without spending
-                   -- attempts; they are published once it is back.
-                   AND NOT EXISTS (SELECT 1 FROM backends b
-                                   WHERE b.id = j.backend_id AND b.status = 'down')
-                 ORDER BY j.retry_at LIMIT $1 FOR UPDATE OF j SKIP LOCKED",
-            )
-            .bind(limit)
-            .fetch_all(conn)
-            .await?;
-            Ok(RelayTake {
-                taken: jobs.len(),
-                jobs,
-            })
+            "SELECT j.id, j.priority FROM jobs j
+             WHERE j.retry_at <= now() AND j.state = 'retry_wait'
+               -- Jobs for a backend the health checks hold down wait without spending
+               -- attempts; they are published once it is back.
+               AND NOT EXISTS (SELECT 1 FROM backends b
+                               WHERE b.id = j.backend_id AND b.status = 'down')
+             ORDER BY j.retry_at LIMIT $1 FOR UPDATE OF j SKIP LOCKED"
         }
-        RelayScan::ExpiredLeases => {
-            // A claim is locked only while its lease has run out (re-checked on the row's
-            // newest version, so a lease the worker has just extended is left alone), and
-            // deleted: from then on its worker's extensions find nothing and stop its jobs.
-            let claims: Vec<(i64, Vec<Uuid>)> = sqlx::query_as(
-                "DELETE FROM job_claims WHERE id IN (
-                     SELECT id FROM job_claims WHERE lease_until < now()
-                     ORDER BY lease_until LIMIT $1 FOR UPDATE SKIP LOCKED)
-                 RETURNING id, job_ids",
-            )
-            .bind(limit)
-            .fetch_all(&mut *conn)
-            .await?;
-            if claims.is_empty() {
-                return Ok(RelayTake::default());
-            }
-            let claim_ids: Vec<i64> = claims.iter().map(|(id, _)| *id).collect();
-            let job_ids: Vec<Uuid> = claims.into_iter().flat_map(|(_, jobs)| jobs).collect();
-            // Most claims are of jobs that finished long ago: only those still running
-            // under the claim (not finished, not handed back and claimed again) are taken.
-            let jobs = sqlx::query_as(
-                "SELECT id, priority FROM jobs
-                 WHERE id = ANY($1) AND claim_id = ANY($2) AND state = 'running'
-                 ORDER BY id FOR UPDATE",
-            )
-            .bind(&job_ids)
-            .bind(&claim_ids)
-            .fetch_all(&mut *conn)
-            .await?;
-            Ok(RelayTake {
-                taken: claim_ids.len(),
-                jobs,
-            })
+        RelayScan::Unblocked => {
+            "SELECT j.id, j.priority FROM jobs j
+             WHERE j.blocked_by IS NOT NULL AND j.state = 'retry_wait'
+               AND NOT EXISTS (SELECT 1 FROM jobs b WHERE b.id = j.blocked_by
+                               AND b.state IN ('queued', 'running', 'retry_wait'))
+             ORDER BY j.submit_seq LIMIT $1 FOR UPDATE OF j SKIP LOCKED"
         }
+        RelayScan::ExpiredLeases => return lock_expired_claims(conn, limit).await,
+    };
+    let jobs: Vec<DueJob> = sqlx::query_as(sql).bind(limit).fetch_all(conn).await?;
+    Ok(RelayTake {
+        taken: jobs.len(),
+        jobs,
+    })
+}
+
+/// [`relay_lock_due`] for [`RelayScan::ExpiredLeases`].
+async fn lock_expired_claims(
+    conn: &mut PgConnection,
+    limit: i64,
+) -> Result<RelayTake, sqlx::Error> {
+    // A claim is locked only while its lease has run out (re-checked on the row's
+    // newest version, so a lease the worker has just extended is left alone), and
+    // deleted: from then on its worker's extensions find nothing and stop its jobs.
+    let claims: Vec<(i64, Vec<Uuid>)> = sqlx::query_as(
+        "DELETE FROM job_claims WHERE id IN (
+             SELECT id FROM job_claims WHERE lease_until < now()
+             ORDER BY lease_until LIMIT $1 FOR UPDATE SKIP LOCKED)
+         RETURNING id, job_ids",
+    )
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?;
+    if claims.is_empty() {
+        return Ok(RelayTake::default());
     }
+    let claim_ids: Vec<i64> = claims.iter().map(|(id, _)| *id).collect();
+    let job_ids: Vec<Uuid> = claims.into_iter().flat_map(|(_, jobs)| jobs).collect();
+    // Most claims are of jobs that finished long ago: only those still running
+    // under the claim (not finished, not handed back and claimed again) are taken.
+    let jobs = sqlx::query_as(
+        "SELECT id, priority FROM jobs
+         WHERE id = ANY($1) AND claim_id = ANY($2) AND state = 'running'
+         ORDER BY id FOR UPDATE",
+    )
+    .bind(&job_ids)
+    .bind(&claim_ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(RelayTake {
+        taken: claim_ids.len(),
+        jobs,
+    })
 }
 
 /// Moves jobs locked by [`relay_lock_due`] (back) to `queued` and owes their messages in
@@ -1032,9 +1085,12 @@ pub async fn relay_requeue(
         .await?;
     }
     sqlx::query(
-        "UPDATE jobs SET state = 'queued', lease_owner = NULL, retry_at = NULL, updated_at = now(),
+        "UPDATE jobs SET state = 'queued', lease_owner = NULL, retry_at = NULL, blocked_by = NULL,
+                updated_at = now(),
                 last_error = CASE WHEN state = 'running'
-                                  THEN 'lease expired: worker presumed dead' ELSE last_error END
+                                  THEN 'lease expired: worker presumed dead'
+                                  WHEN blocked_by IS NOT NULL THEN NULL
+                                  ELSE last_error END
          WHERE id = ANY($1)",
     )
     .bind(ids)
@@ -1393,7 +1449,7 @@ pub async fn cancel_job(
              SET state = CASE WHEN t.state IN ('queued', 'retry_wait') THEN 'cancelled' ELSE j.state END,
                  finished_at = CASE WHEN t.state IN ('queued', 'retry_wait') THEN now() ELSE j.finished_at END,
                  cancel_requested = (t.state = 'running') OR j.cancel_requested,
-                 retry_at = NULL, updated_at = now()
+                 retry_at = NULL, blocked_by = NULL, updated_at = now()
              FROM target t WHERE j.id = t.id AND t.state IN ('queued', 'retry_wait', 'running')
          )
          SELECT state FROM target",
@@ -1430,7 +1486,7 @@ pub async fn cancel_batch(pool: &PgPool, batch_id: Uuid) -> Result<BatchCancel, 
          SET state = CASE WHEN j.state = 'running' THEN j.state ELSE 'cancelled' END,
              finished_at = CASE WHEN j.state = 'running' THEN j.finished_at ELSE now() END,
              cancel_requested = j.cancel_requested OR j.state = 'running',
-             retry_at = NULL, updated_at = now()
+             retry_at = NULL, blocked_by = NULL, updated_at = now()
          FROM target WHERE j.id = target.id
          RETURNING j.state = 'running'",
     )

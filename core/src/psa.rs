@@ -18,6 +18,7 @@ use serde_json::{Map, Value};
 use sqlx::{FromRow, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
+use crate::cid::canonical_of;
 use crate::db::{self, Backend};
 use crate::model::{Op, Priority, UnknownVariant};
 use crate::retry::RetryPolicy;
@@ -298,13 +299,14 @@ async fn insert_batch_tx(
     db::lock_backends(tx, &backend_ids).await?;
     let mut out = Vec::with_capacity(jobs.len());
     let meta = Value::Object(meta.clone());
+    let key = |cid: &str| canonical_of(cid).unwrap_or_else(|| cid.to_owned());
     for j in jobs {
         let id = Uuid::now_v7();
         sqlx::query(
             "INSERT INTO jobs (id, batch_id, seq, owner, backend_id, op, cid, replaces_cid, name,
                                meta, priority, max_attempts, backoff_base_ms, backoff_factor,
-                               backoff_max_ms)
-             VALUES ($1, $2, 0, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                               backoff_max_ms, cid_key, replaces_key)
+             VALUES ($1, $2, 0, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
         )
         .bind(id)
         .bind(batch_id)
@@ -320,6 +322,8 @@ async fn insert_batch_tx(
         .bind(retry.base.as_millis() as i32)
         .bind(retry.factor)
         .bind(retry.max_delay.as_millis() as i32)
+        .bind(key(j.cid))
+        .bind(j.replaces.map(key))
         .execute(&mut **tx)
         .await?;
         out.push((id, settings.priority));
@@ -543,7 +547,7 @@ async fn stop_batch(tx: &mut Transaction<'_, Postgres>, batch_id: Uuid) -> Resul
              state = CASE WHEN state IN ('queued', 'retry_wait') THEN 'cancelled' ELSE state END,
              finished_at = CASE WHEN state IN ('queued', 'retry_wait') THEN now() ELSE finished_at END,
              cancel_requested = cancel_requested OR state = 'running',
-             retry_at = NULL, updated_at = now()
+             retry_at = NULL, blocked_by = NULL, updated_at = now()
          WHERE batch_id = $1 AND state IN ('queued', 'retry_wait', 'running')",
     )
     .bind(batch_id)

@@ -96,8 +96,9 @@ pub struct JobFilter {
     pub owner: Option<String>,
     pub state: Option<JobState>,
     pub batch: Option<Uuid>,
-    /// Spellings of one CID to match (the jobs table keeps the submitted version's own
-    /// spelling, so a CIDv0 is looked up as `Qm…` and as its CIDv1).
+    /// Keys (`jobs.cid_key`) of one CID to match: its canonical form, which finds every
+    /// spelling it was submitted in, and the spelling asked for, which is the key of jobs
+    /// stored before keys were canonical.
     pub cids: Vec<String>,
     /// Cursor: the `(created_at, id)` of the last job of the previous page.
     pub after: Option<(DateTime<Utc>, Uuid)>,
@@ -119,7 +120,7 @@ pub async fn list_jobs(pool: &PgPool, f: &JobFilter) -> Result<Vec<JobRow>, sqlx
          WHERE ($1::text IS NULL OR j.owner = $1)
            AND ($2::text IS NULL OR j.state = $2)
            AND ($3::uuid IS NULL OR j.batch_id = $3)
-           AND ($4::text[] IS NULL OR j.cid = ANY($4))
+           AND ($4::text[] IS NULL OR j.cid_key = ANY($4))
            AND ($5::timestamptz IS NULL OR (j.created_at, j.id) < ($5, $6))
          ORDER BY j.created_at DESC, j.id DESC
          LIMIT $7"

@@ -103,8 +103,9 @@ impl Relay {
         }
     }
 
-    /// One pass: reap silent workers, move due retries and the jobs of expired leases
-    /// back to `queued` (each scan owing their messages in the dispatch outbox), owe again
+    /// One pass: reap silent workers, move the jobs of expired leases, due retries and
+    /// parked jobs no longer blocked back to `queued` (each scan owing their messages in
+    /// the dispatch outbox), owe again
     /// the jobs of long-published entries that never started, then publish what the outbox
     /// holds. Returns the most rows any one step handled.
     pub async fn pass(&self) -> anyhow::Result<usize> {
@@ -118,7 +119,11 @@ impl Relay {
             );
         }
         let mut most = 0;
-        for scan in [RelayScan::ExpiredLeases, RelayScan::DueRetries] {
+        for scan in [
+            RelayScan::ExpiredLeases,
+            RelayScan::DueRetries,
+            RelayScan::Unblocked,
+        ] {
             most = most.max(self.requeue(scan).await?);
         }
         most = most.max(self.reowe_stale().await?);
@@ -161,6 +166,10 @@ impl Relay {
                 tracing::warn!(jobs = ids.len(), "requeued jobs whose lease expired")
             }
             RelayScan::DueRetries => tracing::info!(jobs = ids.len(), "requeued due retries"),
+            RelayScan::Unblocked => tracing::info!(
+                jobs = ids.len(),
+                "requeued jobs whose earlier job on the same CID has ended"
+            ),
         }
         Ok(take.taken)
     }

@@ -443,6 +443,21 @@ impl IpfsNode {
     }
 }
 
+/// One relay scan, committed, as the relay runs it; returns (rows taken, jobs requeued).
+pub async fn relay_scan(
+    pool: &PgPool,
+    scan: pinq_core::db::RelayScan,
+) -> anyhow::Result<(usize, Vec<Uuid>)> {
+    let mut tx = pool.begin().await?;
+    let take = pinq_core::db::relay_lock_due(&mut tx, scan, 1000).await?;
+    let ids: Vec<Uuid> = take.jobs.iter().map(|j| j.id).collect();
+    if !ids.is_empty() {
+        pinq_core::db::relay_requeue(&mut tx, scan, &ids).await?;
+    }
+    tx.commit().await?;
+    Ok((take.taken, ids))
+}
+
 /// `n` distinct small contents, unique to this call.
 /// The SQLSTATE of a database error (`"23503"` for a foreign-key violation), if it is one.
 pub fn sqlstate(err: &sqlx::Error) -> Option<String> {

@@ -9,7 +9,7 @@ use chrono::Utc;
 use pinq_core::db::{self, ClaimedJob, LeaseStatus, NewBatch, NewJob, Outcome, RelayScan, Stored};
 use pinq_core::model::{Op, Priority};
 use pinq_core::retry::RetryPolicy;
-use pinq_e2e::TestDb;
+use pinq_e2e::{TestDb, relay_scan};
 use serde_json::json;
 use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
@@ -24,6 +24,8 @@ fn pin_job(backend: Uuid, seq: i32) -> NewJob {
         // the job names.
         cid: format!("bafy-lease-test-{seq}"),
         replaces_cid: None,
+        cid_key: format!("bafy-lease-test-{seq}"),
+        replaces_key: None,
         name: None,
         meta: json!({}),
     }
@@ -53,18 +55,6 @@ async fn state_of(pool: &sqlx::PgPool, id: Uuid) -> anyhow::Result<String> {
         .fetch_one(pool)
         .await?;
     Ok(state)
-}
-
-/// One relay scan, committed, as the relay runs it; returns (rows taken, jobs requeued).
-async fn relay_scan(pool: &sqlx::PgPool, scan: RelayScan) -> anyhow::Result<(usize, Vec<Uuid>)> {
-    let mut tx = pool.begin().await?;
-    let take = db::relay_lock_due(&mut tx, scan, 1000).await?;
-    let ids: Vec<Uuid> = take.jobs.iter().map(|j| j.id).collect();
-    if !ids.is_empty() {
-        db::relay_requeue(&mut tx, scan, &ids).await?;
-    }
-    tx.commit().await?;
-    Ok((take.taken, ids))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,16 +5,17 @@
 use std::time::Duration;
 
 use pinq_core::cid::canonical_of;
-use pinq_core::db::{self, ClaimedJob, NewBatch, NewJob, Stored};
+use pinq_core::db::{self, ClaimedJob, NewBatch, NewJob, RelayScan, Stored};
 use pinq_core::model::{Op, Priority};
 use pinq_core::retry::RetryPolicy;
-use pinq_e2e::TestDb;
+use pinq_e2e::{TestDb, relay_scan};
 use serde_json::json;
 use uuid::Uuid;
 
 const A: &str = "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy";
 const B: &str = "bafkreidvbhs33ighmljlvr7zbv2ywwzcmp5adtf4kqvlly67cy56bdtmve";
 const C: &str = "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku";
+const V0: &str = "QmdfTbBqBPQ7VNxZEYEj14VmRuZBkqFbiwReogJgS1zR1n";
 
 fn job(backend: Uuid, seq: i32, op: Op, cid: &str) -> NewJob {
     NewJob {
@@ -24,8 +25,27 @@ fn job(backend: Uuid, seq: i32, op: Op, cid: &str) -> NewJob {
         op,
         cid: cid.to_owned(),
         replaces_cid: None,
+        cid_key: canonical_of(cid).expect("valid CID"),
+        replaces_key: None,
         name: Some(format!("job-{seq}")),
         meta: json!({}),
+    }
+}
+
+/// A job stored as the `cid_order` migration leaves jobs stored before it: keyed by the
+/// CID as submitted, so two spellings of one CID have two keys.
+fn legacy_job(backend: Uuid, seq: i32, op: Op, cid: &str) -> NewJob {
+    NewJob {
+        cid_key: cid.to_owned(),
+        ..job(backend, seq, op, cid)
+    }
+}
+
+fn replace_job(backend: Uuid, seq: i32, cid: &str, replaces: &str) -> NewJob {
+    NewJob {
+        replaces_cid: Some(replaces.to_owned()),
+        replaces_key: canonical_of(replaces),
+        ..job(backend, seq, Op::Replace, cid)
     }
 }
 
@@ -212,35 +232,141 @@ async fn successes_that_touch_one_pin_are_applied_in_order() -> anyhow::Result<(
     let db = TestDb::create().await?;
     let backend = db::insert_backend(&db.pool, "b", "kubo", "http://127.0.0.1:9").await?;
     let worker = Uuid::now_v7();
-    // Pin A, unpin A, pin A again in one group: the last one wins, as it would alone.
+    // Claims never hand out two jobs on one pin, except jobs stored before keys were
+    // canonical: a CIDv0 and its CIDv1 spelling had two keys. Pin then unpin: the unpin
+    // wins, as it would alone.
+    let v1 = canonical_of(V0).expect("valid CID");
     let (ids, written) = run_as_one_group(
         &db,
         worker,
         vec![
-            job(backend.id, 0, Op::Pin, A),
-            job(backend.id, 1, Op::Unpin, A),
-            job(backend.id, 2, Op::Pin, A),
+            legacy_job(backend.id, 0, Op::Pin, V0),
+            legacy_job(backend.id, 1, Op::Unpin, &v1),
+        ],
+    )
+    .await?;
+    assert_eq!(written, ids);
+    assert_eq!(pin_row(&db, backend.id, V0).await?, None);
+
+    // Unpin then pin: the pin wins.
+    let (ids, written) = run_as_one_group(
+        &db,
+        worker,
+        vec![
+            legacy_job(backend.id, 0, Op::Unpin, &v1),
+            legacy_job(backend.id, 1, Op::Pin, V0),
         ],
     )
     .await?;
     assert_eq!(written, ids);
     assert_eq!(
-        pin_row(&db, backend.id, A).await?,
-        Some(("alice".into(), ids[2]))
+        pin_row(&db, backend.id, V0).await?,
+        Some(("alice".into(), ids[1]))
     );
+    assert_eq!(db.count("job_attempts").await, 4);
+    Ok(())
+}
 
-    // Pin B then unpin B: B ends unpinned.
-    let (ids, written) = run_as_one_group(
+/// Of these jobs, the parked ones: (id, state, blocked_by, no retry timer).
+async fn parked(
+    db: &TestDb,
+    ids: &[Uuid],
+) -> anyhow::Result<Vec<(Uuid, String, Option<Uuid>, bool)>> {
+    Ok(sqlx::query_as(
+        "SELECT id, state, blocked_by, retry_at IS NULL FROM jobs
+         WHERE id = ANY($1) AND blocked_by IS NOT NULL ORDER BY submit_seq",
+    )
+    .bind(ids)
+    .fetch_all(&db.pool)
+    .await?)
+}
+
+/// The claim's per-key order (see `db::claim_jobs`): which jobs it parks, and when the
+/// relay gives them back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_on_one_cid_are_claimed_one_at_a_time_in_submission_order() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let backend = db::insert_backend(&db.pool, "b", "kubo", "http://127.0.0.1:9").await?;
+    let other = db::insert_backend(&db.pool, "c", "kubo", "http://127.0.0.1:9").await?;
+    let worker = Uuid::now_v7();
+    let v1 = canonical_of(V0).expect("valid CID");
+    // Pin V0; unpin it spelled as CIDv1; pin A; pin V0 on another backend; replace A by B.
+    let (_, ids) = store(
         &db,
-        worker,
+        "alice",
         vec![
-            job(backend.id, 0, Op::Pin, B),
-            job(backend.id, 1, Op::Unpin, B),
+            job(backend.id, 0, Op::Pin, V0),
+            job(backend.id, 1, Op::Unpin, &v1),
+            job(backend.id, 2, Op::Pin, A),
+            job(other.id, 3, Op::Pin, V0),
+            replace_job(backend.id, 4, B, A),
         ],
     )
     .await?;
-    assert_eq!(written, ids);
-    assert_eq!(pin_row(&db, backend.id, B).await?, None);
-    assert_eq!(db.count("job_attempts").await, 5);
+
+    // One claim of all five: the first job of each key runs; the unpin waits for the pin
+    // (one key for both spellings), and the replace for the pin of what it replaces.
+    let claimed = claim(&db, &ids, worker).await?;
+    let running: Vec<Uuid> = claimed.iter().map(|j| j.id).collect();
+    assert_eq!(running, vec![ids[0], ids[2], ids[3]]);
+    assert_eq!(
+        parked(&db, &ids).await?,
+        vec![
+            (ids[1], "retry_wait".to_owned(), Some(ids[0]), true),
+            (ids[4], "retry_wait".to_owned(), Some(ids[2]), true),
+        ]
+    );
+    let (_, attempt): (Uuid, i32) = sqlx::query_as("SELECT id, attempt FROM jobs WHERE id = $1")
+        .bind(ids[1])
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(attempt, 0, "parking spends no attempt");
+
+    // Nothing is given back while the blockers run, and due retries do not take parked jobs.
+    assert!(
+        relay_scan(&db.pool, RelayScan::Unblocked)
+            .await?
+            .1
+            .is_empty()
+    );
+    assert!(
+        relay_scan(&db.pool, RelayScan::DueRetries)
+            .await?
+            .1
+            .is_empty()
+    );
+
+    // The pin of V0 ends: its unpin is given back, and the replace still waits.
+    let first: Vec<&ClaimedJob> = claimed.iter().filter(|j| j.id == ids[0]).collect();
+    assert_eq!(
+        db::finish_succeeded(&db.pool, &first, worker).await?,
+        vec![ids[0]]
+    );
+    let (_, requeued) = relay_scan(&db.pool, RelayScan::Unblocked).await?;
+    assert_eq!(requeued, vec![ids[1]]);
+    let (state, blocked, error): (String, Option<Uuid>, Option<String>) =
+        sqlx::query_as("SELECT state, blocked_by, last_error FROM jobs WHERE id = $1")
+            .bind(ids[1])
+            .fetch_one(&db.pool)
+            .await?;
+    assert_eq!((state.as_str(), blocked, error), ("queued", None, None));
+    let (owed,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM dispatch_outbox WHERE $1 = ANY(job_ids) AND published_at IS NULL",
+    )
+    .bind(ids[1])
+    .fetch_one(&db.pool)
+    .await?;
+    assert_eq!(owed, 1, "the requeued job is owed a message");
+
+    // Its next claim runs it; a later job on the same key now waits for it, although that
+    // job was submitted later and is already running: running work is never overlapped.
+    let (_, later) = store(&db, "alice", vec![job(backend.id, 0, Op::Pin, &v1)]).await?;
+    let unpin = claim(&db, &ids[1..2], worker).await?;
+    assert_eq!(unpin.len(), 1);
+    assert!(claim(&db, &later, worker).await?.is_empty());
+    assert_eq!(
+        parked(&db, &later).await?,
+        vec![(later[0], "retry_wait".to_owned(), Some(ids[1]), true)]
+    );
     Ok(())
 }

@@ -408,9 +408,9 @@ async fn writers_of_jobs_cannot_name_a_missing_backend() -> anyhow::Result<()> {
     .execute(&mut *tx)
     .await?;
     sqlx::query(
-        "INSERT INTO jobs (id, batch_id, seq, owner, backend_id, op, cid, priority,
+        "INSERT INTO jobs (id, batch_id, seq, owner, backend_id, op, cid, cid_key, priority,
                            max_attempts, backoff_base_ms, backoff_factor, backoff_max_ms)
-         VALUES ($1, $2, 0, 'admin', $3, 'pin', 'bafkqaaa', 5, 1, 100, 2, 1000)",
+         VALUES ($1, $2, 0, 'admin', $3, 'pin', 'bafkqaaa', 'bafkqaaa', 5, 1, 100, 2, 1000)",
     )
     .bind(Uuid::now_v7())
     .bind(batch)

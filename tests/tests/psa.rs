@@ -517,6 +517,104 @@ async fn openapi_serves_the_spec_and_v1() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Waits until no job is queued, running or waiting (parked jobs included).
+async fn wait_jobs_settled(stack: &Stack) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (active,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM jobs WHERE state IN ('queued', 'running', 'retry_wait')",
+        )
+        .fetch_one(&stack.db.pool)
+        .await?;
+        if active == 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{active} jobs never ended");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A delete's unpin and the pin of a request made right after it (or of the request it
+/// deletes, still pinning) touch one CID: the node ends as the last request says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_then_an_add_of_one_cid_leaves_it_pinned_and_the_reverse_unpinned()
+-> anyhow::Result<()> {
+    let stack = Stack::full(2).await?;
+    let token = user_token(&stack, "churn").await?;
+    let cids = stack.ipfs().add_unpinned(&unique_contents(40)).await?;
+    let (readd, dropped) = cids.split_at(20);
+    let add = |cid: &String| {
+        call(
+            &stack,
+            Some(&token),
+            Method::POST,
+            "/pins",
+            Some(json!({"cid": cid})),
+        )
+    };
+    let remove = |id: String| {
+        let token = token.clone();
+        let stack = &stack;
+        async move {
+            let (code, v) = call(
+                stack,
+                Some(&token),
+                Method::DELETE,
+                &format!("/pins/{id}"),
+                None,
+            )
+            .await?;
+            anyhow::ensure!(code == 202, "delete {id}: {code} {v}");
+            anyhow::Ok(())
+        }
+    };
+    let mut first = Vec::new();
+    for cid in readd {
+        let (code, v) = add(cid).await?;
+        assert_eq!(code, 202, "{v}");
+        first.push(v["requestid"].as_str().unwrap_or_default().to_owned());
+    }
+    for id in &first {
+        wait_status(&stack, &token, id, "pinned", Duration::from_secs(60)).await?;
+    }
+
+    // Each pinned CID is deleted and at once added again; each of the others is added and
+    // at once deleted, while its pin may still be queued or running.
+    let mut again = Vec::new();
+    for (id, cid) in first.iter().zip(readd) {
+        remove(id.to_owned()).await?;
+        let (code, v) = add(cid).await?;
+        assert_eq!(code, 202, "{v}");
+        again.push(v["requestid"].as_str().unwrap_or_default().to_owned());
+    }
+    for cid in dropped {
+        let (code, v) = add(cid).await?;
+        assert_eq!(code, 202, "{v}");
+        let id = v["requestid"].as_str().unwrap_or_default();
+        remove(id.to_owned()).await?;
+    }
+    for id in &again {
+        wait_status(&stack, &token, id, "pinned", Duration::from_secs(60)).await?;
+    }
+    wait_jobs_settled(&stack).await?;
+
+    let expected: HashSet<String> = readd
+        .iter()
+        .map(|c| canonical_of(c).expect("valid CID"))
+        .collect();
+    assert_eq!(
+        stack.ipfs().pins().await?,
+        expected,
+        "the node holds the re-added CIDs only"
+    );
+    assert_eq!(
+        stack.pin_index("local").await?,
+        expected,
+        "the pin index agrees"
+    );
+    Ok(())
+}
+
 fn urlencode(s: &str) -> String {
     s.replace('+', "%2B").replace(':', "%3A")
 }

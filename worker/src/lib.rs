@@ -341,8 +341,9 @@ async fn handle_delivery(ctx: Arc<Ctx>, delivery: Delivery) {
         };
         if claimed.len() < ids.len() {
             tracing::info!(
-                dropped = ids.len() - claimed.len(),
-                "deliveries for jobs that are not queued (duplicate or stale); dropped"
+                not_claimed = ids.len() - claimed.len(),
+                "jobs of the message not claimed: duplicate or stale deliveries, or parked \
+                 behind an earlier job on the same CID"
             );
             if let Some(unused) = permit.split(ids.len() - claimed.len()) {
                 drop(unused);

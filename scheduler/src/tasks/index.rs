@@ -389,10 +389,12 @@ async fn repair(
             let meta =
                 json!({"repair": {"reason": "missing on the backend", "schedule_run": ctx.run_id}});
             sqlx::query(
+                // The pin index holds canonical CIDs: each is its own key.
                 "INSERT INTO jobs (id, batch_id, seq, owner, backend_id, op, cid, name, meta,
-                                   priority, max_attempts, backoff_base_ms, backoff_factor, backoff_max_ms)
+                                   priority, max_attempts, backoff_base_ms, backoff_factor, backoff_max_ms,
+                                   cid_key)
                  SELECT t.id, $1, t.seq, $2, $3, 'pin', t.cid, t.name, $4,
-                        $5, $6, $7, $8, $9
+                        $5, $6, $7, $8, $9, t.cid
                  FROM UNNEST($10::uuid[], $11::int4[], $12::text[], $13::text[]) AS t(id, seq, cid, name)",
             )
             .bind(batch_id)
