@@ -195,7 +195,15 @@ fn print_job(j: &Value) {
     );
     field("priority", output::n(&j["priority"]));
     field("created", output::ago(&j["created_at"]));
-    if j["state"] == "retry_wait" {
+    if !j["waiting_for"].is_null() {
+        field(
+            "waiting for",
+            format!(
+                "job {} (an earlier operation on this CID and backend)",
+                output::s(&j["waiting_for"])
+            ),
+        );
+    } else if j["state"] == "retry_wait" {
         field("next try", output::ago(&j["run_at"]));
     }
     if !j["finished_at"].is_null() {

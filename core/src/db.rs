@@ -1295,6 +1295,8 @@ pub struct JobRow {
     pub lease_owner: Option<Uuid>,
     pub lease_until: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
+    /// While the job is parked behind an earlier job on its CID and backend: that job.
+    pub waiting_for: Option<Uuid>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
@@ -1307,7 +1309,8 @@ pub(crate) const JOB_COLUMNS: &str =
     j.lease_owner,
     (SELECT c.lease_until FROM job_claims c WHERE c.id = j.claim_id AND j.state = 'running')
         AS lease_until,
-    j.last_error, j.created_at, j.updated_at,
+    j.last_error, CASE WHEN j.state = 'retry_wait' THEN j.blocked_by END AS waiting_for,
+    j.created_at, j.updated_at,
     j.started_at, j.finished_at";
 
 /// One page of a batch's jobs in submission order, after the cursor `(seq, id)`.

@@ -316,11 +316,21 @@ async fn jobs_on_one_cid_are_claimed_one_at_a_time_in_submission_order() -> anyh
             (ids[4], "retry_wait".to_owned(), Some(ids[2]), true),
         ]
     );
-    let (_, attempt): (Uuid, i32) = sqlx::query_as("SELECT id, attempt FROM jobs WHERE id = $1")
-        .bind(ids[1])
-        .fetch_one(&db.pool)
-        .await?;
-    assert_eq!(attempt, 0, "parking spends no attempt");
+    let shown = db::get_job(&db.pool, ids[1], None)
+        .await?
+        .expect("the job exists");
+    assert_eq!(shown.attempt, 0, "parking spends no attempt");
+    assert_eq!(
+        shown.waiting_for,
+        Some(ids[0]),
+        "the job says what it waits for"
+    );
+    assert!(
+        shown
+            .last_error
+            .is_some_and(|e| e.contains(&ids[0].to_string())),
+        "and why"
+    );
 
     // Nothing is given back while the blockers run, and due retries do not take parked jobs.
     assert!(
