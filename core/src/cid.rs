@@ -93,6 +93,12 @@ pub fn canonical_of(s: &str) -> Option<String> {
     PinCid::parse(s).ok().map(|c| c.canonical())
 }
 
+/// The key a stored CID string is compared by (pin index, job order): its canonical form,
+/// or the string itself if it does not parse.
+pub fn key_of(s: &str) -> String {
+    canonical_of(s).unwrap_or_else(|| s.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,7 +16,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, FromRow, PgConnection};
 use uuid::Uuid;
 
-use crate::cid::canonical_of;
+use crate::cid::key_of;
 use crate::model::{JobState, Op, Priority};
 use crate::retry::RetryPolicy;
 
@@ -815,15 +815,14 @@ async fn record_attempts(
 /// What one successful job changes in the pin index: the (backend, canonical CID) it
 /// pinned, and the one it unpinned.
 fn pin_changes(job: &ClaimedJob) -> PinChange {
-    let key = |cid: &str| canonical_of(cid).unwrap_or_else(|| cid.to_owned());
     let op: Op = job.op.parse().unwrap_or(Op::Pin);
-    let pinned = matches!(op, Op::Pin | Op::Replace).then(|| (job.backend_id, key(&job.cid)));
+    let pinned = matches!(op, Op::Pin | Op::Replace).then(|| (job.backend_id, key_of(&job.cid)));
     let removed = match op {
         Op::Unpin => Some(job.cid.as_str()),
         Op::Replace => job.replaces_cid.as_deref().filter(|old| *old != job.cid),
         Op::Pin => None,
     };
-    (pinned, removed.map(|cid| (job.backend_id, key(cid))))
+    (pinned, removed.map(|cid| (job.backend_id, key_of(cid))))
 }
 
 /// Whether two of these changes touch the same pin.

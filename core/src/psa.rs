@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 use sqlx::{FromRow, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use crate::cid::canonical_of;
+use crate::cid::key_of;
 use crate::db::{self, Backend};
 use crate::model::{Op, Priority, UnknownVariant};
 use crate::retry::RetryPolicy;
@@ -299,7 +299,6 @@ async fn insert_batch_tx(
     db::lock_backends(tx, &backend_ids).await?;
     let mut out = Vec::with_capacity(jobs.len());
     let meta = Value::Object(meta.clone());
-    let key = |cid: &str| canonical_of(cid).unwrap_or_else(|| cid.to_owned());
     for j in jobs {
         let id = Uuid::now_v7();
         sqlx::query(
@@ -322,8 +321,8 @@ async fn insert_batch_tx(
         .bind(retry.base.as_millis() as i32)
         .bind(retry.factor)
         .bind(retry.max_delay.as_millis() as i32)
-        .bind(key(j.cid))
-        .bind(j.replaces.map(key))
+        .bind(key_of(j.cid))
+        .bind(j.replaces.map(key_of))
         .execute(&mut **tx)
         .await?;
         out.push((id, settings.priority));

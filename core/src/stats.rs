@@ -97,8 +97,8 @@ pub struct JobFilter {
     pub state: Option<JobState>,
     pub batch: Option<Uuid>,
     /// Keys (`jobs.cid_key`) of one CID to match: its canonical form, which finds every
-    /// spelling it was submitted in, and the spelling asked for, which is the key of jobs
-    /// stored before keys were canonical.
+    /// spelling it was submitted in, and its own spelling (`Qm…` for a CIDv0), the key of
+    /// jobs stored before keys were canonical.
     pub cids: Vec<String>,
     /// Cursor: the `(created_at, id)` of the last job of the previous page.
     pub after: Option<(DateTime<Utc>, Uuid)>,
