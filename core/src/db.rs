@@ -971,9 +971,12 @@ pub enum RelayScan {
     /// Running jobs whose claim's lease expired: the worker is presumed dead. Claims whose
     /// jobs have all finished are deleted by the same scan once their lease runs out.
     ExpiredLeases,
-    /// Parked jobs (see [`claim_jobs`]) whose blocker has ended. One still behind another
-    /// job is parked again by its next claim.
-    Unblocked,
+    /// Parked jobs (see [`claim_jobs`]) whose blocker has ended, one page of blockers at a
+    /// time: those after `after` in id order, as many as the scan's limit (with every job
+    /// parked behind the last of them). A pass costs what one page costs, however many
+    /// jobs are parked; [`RelayTake::resume_after`] says where the next page starts. One
+    /// still behind another job is parked again by its next claim.
+    Unblocked { after: Uuid },
 }
 
 /// What a relay scan locked: how many rows it took (jobs, or claims for
@@ -983,6 +986,9 @@ pub enum RelayScan {
 pub struct RelayTake {
     pub taken: usize,
     pub jobs: Vec<DueJob>,
+    /// For [`RelayScan::Unblocked`]: the blocker id the next page starts after, or `None`
+    /// when this page was the last and the next one starts from the beginning.
+    pub resume_after: Option<Uuid>,
 }
 
 /// Locks up to `limit` rows of a relay scan (`FOR UPDATE SKIP LOCKED`, so several relays
@@ -1004,19 +1010,58 @@ pub async fn relay_lock_due(
                                WHERE b.id = j.backend_id AND b.status = 'down')
              ORDER BY j.retry_at LIMIT $1 FOR UPDATE OF j SKIP LOCKED"
         }
-        RelayScan::Unblocked => {
-            "SELECT j.id, j.priority FROM jobs j
-             WHERE j.blocked_by IS NOT NULL AND j.state = 'retry_wait'
-               AND NOT EXISTS (SELECT 1 FROM jobs b WHERE b.id = j.blocked_by
-                               AND b.state IN ('queued', 'running', 'retry_wait'))
-             ORDER BY j.submit_seq LIMIT $1 FOR UPDATE OF j SKIP LOCKED"
-        }
+        RelayScan::Unblocked { after } => return lock_unblocked(conn, after, limit).await,
         RelayScan::ExpiredLeases => return lock_expired_claims(conn, limit).await,
     };
     let jobs: Vec<DueJob> = sqlx::query_as(sql).bind(limit).fetch_all(conn).await?;
     Ok(RelayTake {
         taken: jobs.len(),
         jobs,
+        resume_after: None,
+    })
+}
+
+/// [`relay_lock_due`] for [`RelayScan::Unblocked`]: one page of parked jobs, read in
+/// `jobs_blocked` order (by the id of the job each waits for) after `after`, and of those
+/// the ones whose blocker has ended. The page ends on a whole blocker, so jobs parked
+/// behind one job are never split between two pages.
+async fn lock_unblocked(
+    conn: &mut PgConnection,
+    after: Uuid,
+    limit: i64,
+) -> Result<RelayTake, sqlx::Error> {
+    let (upto, seen): (Option<Uuid>, i64) = sqlx::query_as(
+        "WITH page AS (
+             SELECT blocked_by FROM jobs
+             WHERE blocked_by IS NOT NULL AND blocked_by > $1
+             ORDER BY blocked_by LIMIT $2
+         )
+         SELECT (SELECT blocked_by FROM page ORDER BY blocked_by DESC LIMIT 1),
+                (SELECT count(*) FROM page)",
+    )
+    .bind(after)
+    .bind(limit)
+    .fetch_one(&mut *conn)
+    .await?;
+    let Some(upto) = upto else {
+        return Ok(RelayTake::default());
+    };
+    let jobs: Vec<DueJob> = sqlx::query_as(
+        "SELECT j.id, j.priority FROM jobs j
+         WHERE j.blocked_by IS NOT NULL AND j.blocked_by > $1 AND j.blocked_by <= $2
+           AND j.state = 'retry_wait'
+           AND NOT EXISTS (SELECT 1 FROM jobs b WHERE b.id = j.blocked_by
+                           AND b.state IN ('queued', 'running', 'retry_wait'))
+         ORDER BY j.submit_seq FOR UPDATE OF j SKIP LOCKED",
+    )
+    .bind(after)
+    .bind(upto)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(RelayTake {
+        taken: jobs.len(),
+        jobs,
+        resume_after: (seen >= limit).then_some(upto),
     })
 }
 
@@ -1056,6 +1101,7 @@ async fn lock_expired_claims(
     Ok(RelayTake {
         taken: claim_ids.len(),
         jobs,
+        resume_after: None,
     })
 }
 

@@ -51,11 +51,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     ));
     tracing::info!(queue = %args.services.queue, "pinq-scheduler started");
     println!("pinq-scheduler started");
-    let relay = Relay {
-        pool: pool.clone(),
-        publisher: publisher.clone(),
-        settings: args.scheduler.clone(),
-    };
+    let relay = Relay::new(pool.clone(), publisher.clone(), args.scheduler.clone());
     // The cron loop runs beside the relay; both finish their current pass on shutdown.
     let cron = Arc::new(cron::CronLoop::new(pool.clone(), args.scheduler.clone()));
     let cron_task = tokio::spawn(cron.run(shutdown.clone()));
@@ -74,9 +70,20 @@ pub struct Relay {
     pub pool: PgPool,
     pub publisher: Arc<Publisher>,
     pub settings: SchedulerArgs,
+    /// Where the next page of the unblocked scan starts (see [`RelayScan::Unblocked`]).
+    unblocked_after: std::sync::Mutex<Uuid>,
 }
 
 impl Relay {
+    pub fn new(pool: PgPool, publisher: Arc<Publisher>, settings: SchedulerArgs) -> Relay {
+        Relay {
+            pool,
+            publisher,
+            settings,
+            unblocked_after: std::sync::Mutex::new(Uuid::nil()),
+        }
+    }
+
     pub async fn run(&self, shutdown: CancellationToken) {
         let idle = Duration::from_millis(self.settings.relay_interval_ms.max(10));
         let mut backoff = failure_backoff();
@@ -119,10 +126,13 @@ impl Relay {
             );
         }
         let mut most = 0;
+        // One page of parked jobs a pass: each pass costs the same however many are
+        // parked, and a job whose blocker has ended waits at most one pass per page.
+        let after = self.unblocked_after.lock().map_or(Uuid::nil(), |a| *a);
         for scan in [
             RelayScan::ExpiredLeases,
             RelayScan::DueRetries,
-            RelayScan::Unblocked,
+            RelayScan::Unblocked { after },
         ] {
             most = most.max(self.requeue(scan).await?);
         }
@@ -153,6 +163,11 @@ impl Relay {
     async fn requeue(&self, scan: RelayScan) -> anyhow::Result<usize> {
         let mut tx = self.pool.begin().await?;
         let take = db::relay_lock_due(&mut tx, scan, self.settings.relay_batch).await?;
+        if let RelayScan::Unblocked { .. } = scan
+            && let Ok(mut after) = self.unblocked_after.lock()
+        {
+            *after = take.resume_after.unwrap_or_else(Uuid::nil);
+        }
         if take.jobs.is_empty() {
             // Expired claims whose jobs had all finished are deleted all the same.
             tx.commit().await?;
@@ -166,7 +181,7 @@ impl Relay {
                 tracing::warn!(jobs = ids.len(), "requeued jobs whose lease expired")
             }
             RelayScan::DueRetries => tracing::info!(jobs = ids.len(), "requeued due retries"),
-            RelayScan::Unblocked => tracing::info!(
+            RelayScan::Unblocked { .. } => tracing::info!(
                 jobs = ids.len(),
                 "requeued jobs whose earlier job on the same CID has ended"
             ),

@@ -448,17 +448,27 @@ pub async fn relay_scan(
     pool: &PgPool,
     scan: pinq_core::db::RelayScan,
 ) -> anyhow::Result<(usize, Vec<Uuid>)> {
+    let (take, ids) = relay_scan_limit(pool, scan, 1000).await?;
+    Ok((take.taken, ids))
+}
+
+/// [`relay_scan`] with the scan's limit (the relay's `PINQ_RELAY_BATCH`) given: returns
+/// what the scan locked and the ids it requeued.
+pub async fn relay_scan_limit(
+    pool: &PgPool,
+    scan: pinq_core::db::RelayScan,
+    limit: i64,
+) -> anyhow::Result<(pinq_core::db::RelayTake, Vec<Uuid>)> {
     let mut tx = pool.begin().await?;
-    let take = pinq_core::db::relay_lock_due(&mut tx, scan, 1000).await?;
+    let take = pinq_core::db::relay_lock_due(&mut tx, scan, limit).await?;
     let ids: Vec<Uuid> = take.jobs.iter().map(|j| j.id).collect();
     if !ids.is_empty() {
         pinq_core::db::relay_requeue(&mut tx, scan, &ids).await?;
     }
     tx.commit().await?;
-    Ok((take.taken, ids))
+    Ok((take, ids))
 }
 
-/// `n` distinct small contents, unique to this call.
 /// The SQLSTATE of a database error (`"23503"` for a foreign-key violation), if it is one.
 pub fn sqlstate(err: &sqlx::Error) -> Option<String> {
     err.as_database_error()
@@ -466,6 +476,7 @@ pub fn sqlstate(err: &sqlx::Error) -> Option<String> {
         .map(|c| c.into_owned())
 }
 
+/// `n` distinct small contents, unique to this call.
 pub fn unique_contents(n: usize) -> Vec<Vec<u8>> {
     let salt = Uuid::new_v4();
     (0..n)
@@ -841,12 +852,17 @@ impl IpfsNode {
     /// A valid CID of content nobody has (a random SHA-256 digest, raw codec): pinning it
     /// blocks until the pin's timeout.
     pub fn unprovided_cid(&self) -> String {
-        let digest: [u8; 32] = rand::random();
-        match cid::multihash::Multihash::<64>::wrap(0x12, &digest) {
-            Ok(mh) => cid::Cid::new_v1(0x55, mh).to_string(),
-            // A 32-byte digest always fits a 64-byte multihash.
-            Err(e) => panic!("multihash: {e}"),
-        }
+        random_cid()
+    }
+}
+
+/// A valid CIDv1 of a random SHA-256 digest (raw codec): content nobody has.
+pub fn random_cid() -> String {
+    let digest: [u8; 32] = rand::random();
+    match cid::multihash::Multihash::<64>::wrap(0x12, &digest) {
+        Ok(mh) => cid::Cid::new_v1(0x55, mh).to_string(),
+        // A 32-byte digest always fits a 64-byte multihash.
+        Err(e) => panic!("multihash: {e}"),
     }
 }
 

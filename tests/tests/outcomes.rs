@@ -8,7 +8,7 @@ use pinq_core::cid::canonical_of;
 use pinq_core::db::{self, ClaimedJob, NewBatch, NewJob, RelayScan, Stored};
 use pinq_core::model::{Op, Priority};
 use pinq_core::retry::RetryPolicy;
-use pinq_e2e::{TestDb, relay_scan};
+use pinq_e2e::{TestDb, random_cid, relay_scan, relay_scan_limit};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -334,7 +334,7 @@ async fn jobs_on_one_cid_are_claimed_one_at_a_time_in_submission_order() -> anyh
 
     // Nothing is given back while the blockers run, and due retries do not take parked jobs.
     assert!(
-        relay_scan(&db.pool, RelayScan::Unblocked)
+        relay_scan(&db.pool, RelayScan::Unblocked { after: Uuid::nil() })
             .await?
             .1
             .is_empty()
@@ -352,7 +352,7 @@ async fn jobs_on_one_cid_are_claimed_one_at_a_time_in_submission_order() -> anyh
         db::finish_succeeded(&db.pool, &first, worker).await?,
         vec![ids[0]]
     );
-    let (_, requeued) = relay_scan(&db.pool, RelayScan::Unblocked).await?;
+    let (_, requeued) = relay_scan(&db.pool, RelayScan::Unblocked { after: Uuid::nil() }).await?;
     assert_eq!(requeued, vec![ids[1]]);
     let (state, blocked, error): (String, Option<Uuid>, Option<String>) =
         sqlx::query_as("SELECT state, blocked_by, last_error FROM jobs WHERE id = $1")
@@ -378,5 +378,85 @@ async fn jobs_on_one_cid_are_claimed_one_at_a_time_in_submission_order() -> anyh
         parked(&db, &later).await?,
         vec![(later[0], "retry_wait".to_owned(), Some(ids[1]), true)]
     );
+    Ok(())
+}
+
+/// The unblocked scan reads one page of parked jobs a pass, in the order of the jobs they
+/// wait for, so a pass costs the same however many jobs are parked. A job whose blocker
+/// has ended is given back by the pass that reaches its page; jobs parked behind one
+/// blocker are never split between pages; after the last page the scan starts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unblocked_scan_reads_one_page_of_parked_jobs_a_pass() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let backend = db::insert_backend(&db.pool, "b", "kubo", "http://127.0.0.1:9").await?;
+    let worker = Uuid::now_v7();
+    let cids: Vec<String> = (0..30).map(|_| random_cid()).collect();
+    let of = |op: Op| -> Vec<NewJob> {
+        cids.iter()
+            .enumerate()
+            .map(|(i, c)| job(backend.id, i as i32, op, c))
+            .collect()
+    };
+    let (_, pins) = store(&db, "alice", of(Op::Pin)).await?;
+    let (_, unpins) = store(&db, "alice", of(Op::Unpin)).await?;
+    let running = claim(&db, &pins, worker).await?;
+    assert_eq!(running.len(), 30);
+    assert!(claim(&db, &unpins, worker).await?.is_empty());
+    // (blocker, parked job) in the scan's order.
+    let order: Vec<(Uuid, Uuid)> = sqlx::query_as(
+        "SELECT blocked_by, id FROM jobs WHERE blocked_by IS NOT NULL ORDER BY blocked_by",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    assert_eq!(order.len(), 30, "every unpin is parked behind its pin");
+    // Two jobs behind one blocker at the end of the first page of ten (as after a cancel
+    // of the job between them).
+    sqlx::query("UPDATE jobs SET blocked_by = $1 WHERE id = $2")
+        .bind(order[9].0)
+        .bind(order[10].1)
+        .execute(&db.pool)
+        .await?;
+    let end = |blockers: Vec<Uuid>| {
+        let done: Vec<ClaimedJob> = running
+            .iter()
+            .filter(|j| blockers.contains(&j.id))
+            .cloned()
+            .collect();
+        let pool = db.pool.clone();
+        async move {
+            let done: Vec<&ClaimedJob> = done.iter().collect();
+            db::finish_succeeded(&pool, &done, worker).await
+        }
+    };
+    assert_eq!(
+        end(vec![order[0].0, order[9].0, order[29].0]).await?.len(),
+        3
+    );
+    let sorted = |mut v: Vec<Uuid>| {
+        v.sort();
+        v
+    };
+    let page = |after: Uuid| relay_scan_limit(&db.pool, RelayScan::Unblocked { after }, 10);
+
+    // First page: its ended blockers' jobs, both of the pair; the last page's not yet.
+    let (take, got) = page(Uuid::nil()).await?;
+    assert_eq!(
+        sorted(got),
+        sorted(vec![order[0].1, order[9].1, order[10].1])
+    );
+    assert_eq!(take.resume_after, Some(order[9].0));
+    // Second page: the next ten still parked (order[10]'s job has gone with the pair);
+    // nothing of it has ended.
+    let (take, got) = page(order[9].0).await?;
+    assert!(got.is_empty(), "{got:?}");
+    assert_eq!(take.resume_after, Some(order[20].0));
+    // Third and last page (nine jobs): the last blocker's job; the next pass starts again
+    // from the beginning, where a blocker that has ended since is found.
+    let (take, got) = page(order[20].0).await?;
+    assert_eq!(got, vec![order[29].1]);
+    assert_eq!(take.resume_after, None);
+    assert_eq!(end(vec![order[5].0]).await?.len(), 1);
+    let (_, got) = page(Uuid::nil()).await?;
+    assert_eq!(got, vec![order[5].1]);
     Ok(())
 }

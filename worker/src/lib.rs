@@ -59,7 +59,7 @@ const MIN_UNREACHABLE_DEFER: Duration = Duration::from_millis(250);
 const MAX_LEASE_TICK: Duration = Duration::from_secs(5);
 
 /// A saturated worker claims once at least 1/CLAIM_SHARE of its slots are free.
-const CLAIM_SHARE: usize = 4;
+const CLAIM_SHARE: usize = 2;
 
 /// The smallest claim of a saturated worker.
 fn claim_least(concurrency: usize) -> usize {
@@ -298,7 +298,7 @@ async fn handle_delivery(ctx: Arc<Ctx>, delivery: Delivery) {
     // Claim only what can start within moments, so claimed jobs never sit waiting while
     // their leases run. A slot is a job claimed and not yet done calling its backend; there
     // are as many as the concurrency plus a small headroom (`claim_headroom`), so the next
-    // claim overlaps the calls in flight. Wait until a quarter of the concurrency in slots
+    // claim overlaps the calls in flight. Wait until half of the concurrency in slots
     // is free (or as many as the message has jobs left, if fewer), take whatever other
     // slots are free at that moment, claim that many of the message's jobs in one
     // statement and start them, and repeat until the whole message is claimed. Waiting for
@@ -530,7 +530,7 @@ struct Linger {
 }
 
 /// Longest wait of a small group of successes while the worker is saturated.
-const LINGER: Duration = Duration::from_millis(5);
+const LINGER: Duration = Duration::from_millis(10);
 
 /// Records successful jobs in groups: it takes whatever is waiting, writes it in one
 /// transaction, and answers each job. Ends when every sender is gone.

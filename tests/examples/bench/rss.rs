@@ -82,31 +82,75 @@ impl RssWatch {
     }
 }
 
-/// CPU time, in seconds, used so far by one process (all its threads) and by the whole
-/// machine (every core's busy time), read from `/proc`. The difference of two readings
-/// tells who used the CPU during a phase.
-#[derive(Debug, Clone, Copy)]
+/// CPU time, in seconds, used so far by one process (all its threads), by the programs
+/// that share the machine with it (every live process, grouped by program), and by the
+/// whole machine (every core's busy time), read from `/proc`. The difference of two
+/// readings tells who used the CPU during a phase. A process that exits between the two
+/// readings (a PostgreSQL backend, say) takes its time with it, so the groups may add up
+/// to a little less than the machine.
+#[derive(Debug, Clone)]
 pub struct CpuMark {
     pub process_s: f64,
+    pub programs: BTreeMap<&'static str, f64>,
     pub machine_busy_s: f64,
+}
+
+// Linux reports CPU time in clock ticks of USER_HZ, which is 100 on every platform Rust's
+// std targets.
+const TICK: f64 = 0.01;
+
+/// `(command name, utime + stime in seconds)` of one process.
+fn proc_cpu(pid: i32) -> Option<(String, f64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name sits in parentheses and may hold spaces; the fields follow it.
+    let (head, rest) = s.rsplit_once(')')?;
+    let comm = head.split_once('(')?.1.to_string();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    Some((comm, (utime + stime) * TICK))
+}
+
+/// The program group a process belongs to, by its command name.
+fn program_of(comm: &str, pid: i32) -> &'static str {
+    if pid == std::process::id() as i32 {
+        "bench"
+    } else if comm.starts_with("pinq-") {
+        "pinq"
+    } else if comm == "postgres" {
+        "postgres"
+    } else if comm == "beam.smp"
+        || comm.starts_with("erl_")
+        || comm == "epmd"
+        || comm == "inet_gethost"
+    {
+        "rabbitmq"
+    } else {
+        "other"
+    }
 }
 
 impl CpuMark {
     pub fn read(pid: i32) -> CpuMark {
-        // Linux reports both in clock ticks of USER_HZ, which is 100 on every platform
-        // Rust's std targets.
-        const TICK: f64 = 0.01;
-        let process = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| {
-                // Fields after the command name (which may hold spaces) in parentheses.
-                let rest = s.rsplit_once(')')?.1;
-                let f: Vec<&str> = rest.split_whitespace().collect();
-                let utime: f64 = f.get(11)?.parse().ok()?;
-                let stime: f64 = f.get(12)?.parse().ok()?;
-                Some((utime + stime) * TICK)
-            })
-            .unwrap_or(f64::NAN);
+        let process = proc_cpu(pid).map_or(f64::NAN, |(_, s)| s);
+        let mut programs = BTreeMap::new();
+        if let Ok(dir) = std::fs::read_dir("/proc") {
+            for entry in dir.flatten() {
+                let Some(p) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<i32>().ok())
+                else {
+                    continue;
+                };
+                if p == pid {
+                    continue;
+                }
+                if let Some((comm, secs)) = proc_cpu(p) {
+                    *programs.entry(program_of(&comm, p)).or_insert(0.0) += secs;
+                }
+            }
+        }
         let machine = std::fs::read_to_string("/proc/stat")
             .ok()
             .and_then(|s| {
@@ -123,18 +167,31 @@ impl CpuMark {
             .unwrap_or(f64::NAN);
         CpuMark {
             process_s: process,
+            programs,
             machine_busy_s: machine,
         }
     }
 
-    /// What was used between `self` and `later`, rounded to 10 ms, as JSON.
+    /// What was used between `self` and `later`, rounded to 10 ms, as JSON: the node, the
+    /// machine, everything but the node, and that split by program (`pinq`'s processes,
+    /// `postgres`, `rabbitmq`, the `bench` itself and `other`; a process that started
+    /// after `self` counts from zero).
     pub fn until(&self, later: &CpuMark) -> serde_json::Value {
         let r = |x: f64| (x * 100.0).round() / 100.0;
+        let by_program: serde_json::Map<String, serde_json::Value> = later
+            .programs
+            .iter()
+            .map(|(k, v)| {
+                let before = self.programs.get(k).copied().unwrap_or(0.0);
+                (k.to_string(), json!(r((v - before).max(0.0))))
+            })
+            .collect();
         serde_json::json!({
             "node_cpu_s": r(later.process_s - self.process_s),
             "machine_busy_cpu_s": r(later.machine_busy_s - self.machine_busy_s),
             "others_cpu_s": r((later.machine_busy_s - self.machine_busy_s)
                 - (later.process_s - self.process_s)),
+            "others_by_program_cpu_s": by_program,
         })
     }
 }
