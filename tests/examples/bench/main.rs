@@ -737,12 +737,17 @@ async fn latency(opts: &Opts) -> anyhow::Result<Outcome> {
     .await?;
     let memory = watch.finish();
     let sent_at: Vec<f64> = sent.iter().map(|x| x.sent_unix).collect();
-    // created_at is the API transaction's start, finished_at the worker's outcome commit;
-    // "client" is from the moment the client sent the batch.
+    // created_at is the API transaction's start, started_at the claim's, finished_at the
+    // worker's outcome statement's; "client" is from the moment the client sent the batch.
+    // The two halves split submit->done at the claim: before it the batch's commit, the
+    // publish and the delivery; after it the claim's commit, the backend call and the
+    // wait for the completer.
     let (n, q): (i64, Vec<Option<f64>>) = sqlx::query_as(
         "WITH l AS (
              SELECT extract(epoch FROM j.finished_at - j.created_at)::float8 * 1000 AS db_ms,
-                    (extract(epoch FROM j.finished_at)::float8 - s.sent) * 1000 AS client_ms
+                    (extract(epoch FROM j.finished_at)::float8 - s.sent) * 1000 AS client_ms,
+                    extract(epoch FROM j.started_at - j.created_at)::float8 * 1000 AS to_claim_ms,
+                    extract(epoch FROM j.finished_at - j.started_at)::float8 * 1000 AS claim_to_done_ms
              FROM jobs j JOIN unnest($1::uuid[], $2::float8[]) AS s(batch_id, sent)
                   ON j.batch_id = s.batch_id
              WHERE j.state = 'succeeded'
@@ -754,7 +759,11 @@ async fn latency(opts: &Opts) -> anyhow::Result<Outcome> {
                       max(db_ms),
                       percentile_cont(0.5) WITHIN GROUP (ORDER BY client_ms),
                       percentile_cont(0.99) WITHIN GROUP (ORDER BY client_ms),
-                      max(client_ms)]
+                      max(client_ms),
+                      percentile_cont(0.5) WITHIN GROUP (ORDER BY to_claim_ms),
+                      percentile_cont(0.99) WITHIN GROUP (ORDER BY to_claim_ms),
+                      percentile_cont(0.5) WITHIN GROUP (ORDER BY claim_to_done_ms),
+                      percentile_cont(0.99) WITHIN GROUP (ORDER BY claim_to_done_ms)]
          FROM l",
     )
     .bind(&batch_ids)
@@ -801,6 +810,8 @@ async fn latency(opts: &Opts) -> anyhow::Result<Outcome> {
             "submit_errors": errors,
             "ms_created_to_finished": {"p50": p50, "p90": p90, "p99": p99, "max": max},
             "ms_client_send_to_finished": {"p50": c50, "p99": c99, "max": cmax},
+            "ms_created_to_started": {"p50": at(7), "p99": at(8)},
+            "ms_started_to_finished": {"p50": at(9), "p99": at(10)},
             "batch_202_ms": {"p50": percentile(&took, 0.5), "p99": percentile(&took, 0.99), "max": percentile(&took, 1.0)},
             "double_calls": s.double_counters(),
             "memory": memory,
