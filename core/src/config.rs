@@ -168,7 +168,8 @@ pub struct SchedulerArgs {
     /// Pause between relay passes that found nothing to do.
     #[arg(long, env = "PINQ_RELAY_INTERVAL_MS", default_value_t = 500)]
     pub relay_interval_ms: u64,
-    /// Most jobs the relay publishes in one transaction.
+    /// Most jobs the relay publishes in one transaction; also the page of parked jobs its
+    /// unblocked scan reads in one pass.
     #[arg(long, env = "PINQ_RELAY_BATCH", default_value_t = 1000)]
     pub relay_batch: i64,
     /// How long jobs the API committed are left to its own publish before the relay
