@@ -93,6 +93,11 @@ struct Opts {
     /// Concurrency of both pinq's worker and the direct client in the real-node scenario.
     #[arg(long, default_value_t = 32)]
     node_concurrency: usize,
+    /// Diagnostic: a share of one core (0–1) that a busy thread of the bench takes during
+    /// each counted direct run of the real-node scenario, to show what the same client
+    /// loses when something else shares the machine with the node (0 for the bench).
+    #[arg(long, default_value_t = 0.0)]
+    direct_beside_load: f64,
     /// Error rate the double injects on pin/add (fault-injection runs; 0 for the bench).
     #[arg(long, default_value_t = 0.0)]
     double_error_rate: f64,
@@ -1032,6 +1037,45 @@ async fn direct_rate(url: &str, cids: &[String], concurrency: usize) -> anyhow::
     Ok(cids.len() as f64 / t.elapsed().as_secs_f64())
 }
 
+/// A thread that keeps one core busy for `share` of each 10 ms until dropped: a stand-in
+/// for other work on the machine, for the `--direct-beside-load` diagnostic.
+struct Burner {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Burner {
+    fn start(share: f64) -> Burner {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = (share > 0.0).then(|| {
+            let stop = stop.clone();
+            let busy = Duration::from_micros((share.min(1.0) * 10_000.0) as u64);
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let t = std::time::Instant::now();
+                    while t.elapsed() < busy {
+                        x = std::hint::black_box(
+                            x.wrapping_mul(6364136223846793005).wrapping_add(1),
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(10).saturating_sub(busy));
+                }
+            })
+        });
+        Burner { stop, thread }
+    }
+}
+
+impl Drop for Burner {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// A real js-ipfs node: pinq's pins/s beside a plain client's, same work and concurrency.
 async fn realnode(opts: &Opts) -> anyhow::Result<Outcome> {
     let mut stack = Stack::new().await?;
@@ -1086,9 +1130,11 @@ async fn realnode(opts: &Opts) -> anyhow::Result<Outcome> {
     for round in 0..=rounds {
         let set = sets.next().unwrap_or_default();
         let cpu0 = rss::CpuMark::read(node_pid);
+        let load = Burner::start(opts.direct_beside_load);
         let t = Instant::now();
         let rate = direct_rate(&url, &set, opts.node_concurrency).await?;
         direct_s += t.elapsed().as_secs_f64();
+        drop(load);
         direct_pins += set.len();
         runs.push(json!({"client": "direct", "pins_per_s": rate,
                          "cpu": cpu0.until(&rss::CpuMark::read(node_pid))}));
@@ -1150,6 +1196,11 @@ async fn realnode(opts: &Opts) -> anyhow::Result<Outcome> {
     .at_least(95.0);
     if let Some(note) = incomplete {
         ratio = ratio.note(note);
+    } else if opts.direct_beside_load > 0.0 {
+        ratio = ratio.note(format!(
+            "diagnostic: the direct runs had a busy thread taking {} of a core beside them",
+            opts.direct_beside_load
+        ));
     }
     Ok(Outcome {
         metrics: vec![
@@ -1178,6 +1229,7 @@ async fn realnode(opts: &Opts) -> anyhow::Result<Outcome> {
             "pins_per_run": n,
             "rounds": rounds,
             "concurrency": opts.node_concurrency,
+            "direct_beside_load_cores": opts.direct_beside_load,
             "warm_up_pins_per_s": warm_up_rate,
             "pinq_pins_per_s": pinq_rate,
             "direct_pins_per_s": direct,
