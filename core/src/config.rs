@@ -123,7 +123,7 @@ pub struct PsaArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct WorkerArgs {
     /// Backend calls one worker process runs at once. It may hold a few more jobs claimed
-    /// (two of its smallest claims, a quarter of this each), ready to start as calls end.
+    /// (two of its smallest claims, half of this each), ready to start as calls end.
     #[arg(long, env = "PINQ_WORKER_CONCURRENCY", default_value_t = 32)]
     pub concurrency: usize,
     /// Unacknowledged messages the broker may hand this worker (0: twice the messages
@@ -169,7 +169,7 @@ pub struct SchedulerArgs {
     #[arg(long, env = "PINQ_RELAY_INTERVAL_MS", default_value_t = 500)]
     pub relay_interval_ms: u64,
     /// Most jobs the relay publishes in one transaction; also the page of parked jobs its
-    /// unblocked scan reads in one pass.
+    /// unblocked scan reads in one pass (plus any others behind the page's last blocker).
     #[arg(long, env = "PINQ_RELAY_BATCH", default_value_t = 1000)]
     pub relay_batch: i64,
     /// How long jobs the API committed are left to its own publish before the relay

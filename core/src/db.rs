@@ -971,11 +971,11 @@ pub enum RelayScan {
     /// Running jobs whose claim's lease expired: the worker is presumed dead. Claims whose
     /// jobs have all finished are deleted by the same scan once their lease runs out.
     ExpiredLeases,
-    /// Parked jobs (see [`claim_jobs`]) whose blocker has ended, one page of blockers at a
-    /// time: those after `after` in id order, as many as the scan's limit (with every job
-    /// parked behind the last of them). A pass costs what one page costs, however many
-    /// jobs are parked; [`RelayTake::resume_after`] says where the next page starts. One
-    /// still behind another job is parked again by its next claim.
+    /// Parked jobs (see [`claim_jobs`]) whose blocker has ended, one page at a time: up to
+    /// the scan's limit of parked jobs, in the order of their blockers' ids after `after`,
+    /// plus any others parked behind the page's last blocker. A pass costs what one page
+    /// costs, however many jobs are parked; [`RelayTake::resume_after`] says where the
+    /// next page starts. One still behind another job is parked again by its next claim.
     Unblocked { after: Uuid },
 }
 
@@ -1030,19 +1030,25 @@ async fn lock_unblocked(
     after: Uuid,
     limit: i64,
 ) -> Result<RelayTake, sqlx::Error> {
-    let (upto, seen): (Option<Uuid>, i64) = sqlx::query_as(
-        "WITH page AS (
-             SELECT blocked_by FROM jobs
-             WHERE blocked_by IS NOT NULL AND blocked_by > $1
-             ORDER BY blocked_by LIMIT $2
-         )
-         SELECT (SELECT blocked_by FROM page ORDER BY blocked_by DESC LIMIT 1),
-                (SELECT count(*) FROM page)",
-    )
-    .bind(after)
-    .bind(limit)
-    .fetch_one(&mut *conn)
-    .await?;
+    let page = |after: Uuid| {
+        sqlx::query_as::<_, (Option<Uuid>, i64)>(
+            "WITH page AS (
+                 SELECT blocked_by FROM jobs
+                 WHERE blocked_by IS NOT NULL AND blocked_by > $1
+                 ORDER BY blocked_by LIMIT $2
+             )
+             SELECT (SELECT blocked_by FROM page ORDER BY blocked_by DESC LIMIT 1),
+                    (SELECT count(*) FROM page)",
+        )
+        .bind(after)
+        .bind(limit)
+    };
+    let (mut after, (mut upto, mut seen)) = (after, page(after).fetch_one(&mut *conn).await?);
+    if upto.is_none() && !after.is_nil() {
+        // Past the last page (the one before it was full): start again at the first.
+        after = Uuid::nil();
+        (upto, seen) = page(after).fetch_one(&mut *conn).await?;
+    }
     let Some(upto) = upto else {
         return Ok(RelayTake::default());
     };

@@ -128,7 +128,10 @@ impl Relay {
         let mut most = 0;
         // One page of parked jobs a pass: each pass costs the same however many are
         // parked, and a job whose blocker has ended waits at most one pass per page.
-        let after = self.unblocked_after.lock().map_or(Uuid::nil(), |a| *a);
+        let after = *self
+            .unblocked_after
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for scan in [
             RelayScan::ExpiredLeases,
             RelayScan::DueRetries,
@@ -163,19 +166,16 @@ impl Relay {
     async fn requeue(&self, scan: RelayScan) -> anyhow::Result<usize> {
         let mut tx = self.pool.begin().await?;
         let take = db::relay_lock_due(&mut tx, scan, self.settings.relay_batch).await?;
-        if let RelayScan::Unblocked { .. } = scan
-            && let Ok(mut after) = self.unblocked_after.lock()
-        {
-            *after = take.resume_after.unwrap_or_else(Uuid::nil);
-        }
         if take.jobs.is_empty() {
             // Expired claims whose jobs had all finished are deleted all the same.
             tx.commit().await?;
+            self.page_done(scan, &take);
             return Ok(take.taken);
         }
         let ids: Vec<Uuid> = take.jobs.iter().map(|j| j.id).collect();
         db::relay_requeue(&mut tx, scan, &ids).await?;
         tx.commit().await?;
+        self.page_done(scan, &take);
         match scan {
             RelayScan::ExpiredLeases => {
                 tracing::warn!(jobs = ids.len(), "requeued jobs whose lease expired")
@@ -187,6 +187,18 @@ impl Relay {
             ),
         }
         Ok(take.taken)
+    }
+
+    /// After an unblocked scan's page has committed, the next pass reads the next page (or
+    /// the first, after the last). A page whose transaction failed is read again.
+    fn page_done(&self, scan: RelayScan, take: &db::RelayTake) {
+        if let RelayScan::Unblocked { .. } = scan {
+            let mut after = self
+                .unblocked_after
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            *after = take.resume_after.unwrap_or_else(Uuid::nil);
+        }
     }
 
     /// Publishes the dispatch outbox's due entries with confirms and deletes them, in one

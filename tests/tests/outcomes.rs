@@ -458,5 +458,10 @@ async fn the_unblocked_scan_reads_one_page_of_parked_jobs_a_pass() -> anyhow::Re
     assert_eq!(end(vec![order[5].0]).await?.len(), 1);
     let (_, got) = page(Uuid::nil()).await?;
     assert_eq!(got, vec![order[5].1]);
+    // A pass that starts past the last blocker (the page before it was full) reads the
+    // first page instead of nothing.
+    assert_eq!(end(vec![order[3].0]).await?.len(), 1);
+    let (_, got) = page(order[29].0).await?;
+    assert_eq!(got, vec![order[3].1]);
     Ok(())
 }

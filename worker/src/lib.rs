@@ -69,7 +69,8 @@ fn claim_least(concurrency: usize) -> usize {
 /// How many jobs beyond its concurrency a worker may hold claimed, waiting for a backend
 /// call to end: two of its smallest claims. The next claim then runs while the jobs
 /// claimed before it still keep every call busy, so the backends never wait for the
-/// worker's round trip to PostgreSQL. Such a job waits milliseconds, well inside its lease.
+/// worker's round trip to PostgreSQL. Such a job waits for a call to end (milliseconds
+/// against an idle node, longer against a busy one); its claim's lease is kept meanwhile.
 fn claim_headroom(concurrency: usize) -> usize {
     2 * claim_least(concurrency)
 }

@@ -1194,13 +1194,15 @@ async fn realnode(opts: &Opts) -> anyhow::Result<Outcome> {
         "%",
     )
     .at_least(95.0);
-    if let Some(note) = incomplete {
-        ratio = ratio.note(note);
-    } else if opts.direct_beside_load > 0.0 {
-        ratio = ratio.note(format!(
+    let mut notes: Vec<String> = incomplete.into_iter().collect();
+    if opts.direct_beside_load > 0.0 {
+        notes.push(format!(
             "diagnostic: the direct runs had a busy thread taking {} of a core beside them",
             opts.direct_beside_load
         ));
+    }
+    if !notes.is_empty() {
+        ratio = ratio.note(notes.join("; "));
     }
     Ok(Outcome {
         metrics: vec![
