@@ -610,7 +610,14 @@ impl Stack {
     /// The usual stack: an IPFS node registered as backend `local`, the API, `workers`
     /// workers and a scheduler.
     pub async fn full(workers: usize) -> anyhow::Result<Stack> {
+        Stack::full_with_env(workers, &[]).await
+    }
+
+    /// [`Stack::full`] with these environment variables set for every pinq process.
+    pub async fn full_with_env(workers: usize, env: &[(&str, &str)]) -> anyhow::Result<Stack> {
         let mut s = Stack::new().await?;
+        s.env
+            .extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         s.start_ipfs().await?;
         s.start_api().await?;
         s.register_ipfs_backend("local").await?;

@@ -1,6 +1,7 @@
 //! Operations on one CID and backend run one at a time, in the order they were submitted,
 //! however many workers share the queue: against a real IPFS node, the node and the pin
-//! index end as the last operation on each CID says.
+//! index end as the last operation on each CID says, also when the relay gives parked jobs
+//! back a few at a time.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -15,7 +16,29 @@ type Ran = (String, Option<String>, i32, DateTime<Utc>, DateTime<Utc>);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pin_then_unpin_then_pin_of_one_cid_ends_as_the_last_one_says() -> anyhow::Result<()> {
-    let stack = Stack::full(2).await?;
+    pin_unpin_pin(&Stack::full(2).await?).await?;
+    Ok(())
+}
+
+/// The same with the relay's batch at 4, so that its unblocked scan gives the parked jobs
+/// (all 105 of the second batch, in practice) back a page of 4 at a time, over many
+/// passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_ends_right_when_the_relay_pages_through_parked_jobs() -> anyhow::Result<()> {
+    let stack = Stack::full_with_env(2, &[("PINQ_RELAY_BATCH", "4")]).await?;
+    let most_parked = pin_unpin_pin(&stack).await?;
+    println!("most jobs parked at once: {most_parked}");
+    assert!(
+        most_parked > 4,
+        "more than one page of jobs was parked at once (most seen: {most_parked})"
+    );
+    Ok(())
+}
+
+/// Pins 45 CIDs, then at once runs pin/unpin sequences on them; checks the node, the pin
+/// index and the order in which each CID's jobs ran. Returns the most jobs seen parked at
+/// once.
+async fn pin_unpin_pin(stack: &Stack) -> anyhow::Result<i64> {
     let ipfs = stack.ipfs();
     let cids = ipfs.add_unpinned(&unique_contents(60)).await?;
     let (cids, targets) = cids.split_at(45);
@@ -50,6 +73,23 @@ async fn a_pin_then_unpin_then_pin_of_one_cid_ends_as_the_last_one_says() -> any
             }
         }
     }
+    // How many jobs wait parked at once, watched while the batches run.
+    let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let watch = tokio::spawn({
+        let (pool, watching) = (stack.db.pool.clone(), watching.clone());
+        async move {
+            let mut most = 0i64;
+            while watching.load(std::sync::atomic::Ordering::Relaxed) {
+                let (n,): (i64,) =
+                    sqlx::query_as("SELECT count(*) FROM jobs WHERE blocked_by IS NOT NULL")
+                        .fetch_one(&pool)
+                        .await?;
+                most = most.max(n);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            anyhow::Ok(most)
+        }
+    });
     let a = stack
         .submit_ok(&json!({"backends": ["local"], "ops": first}))
         .await?;
@@ -60,6 +100,8 @@ async fn a_pin_then_unpin_then_pin_of_one_cid_ends_as_the_last_one_says() -> any
         let done = stack.wait_done(id, Duration::from_secs(120)).await?;
         assert_eq!(done["counts"]["succeeded"], n, "{done}");
     }
+    watching.store(false, std::sync::atomic::Ordering::Relaxed);
+    let most_parked = watch.await??;
 
     assert_eq!(
         ipfs.pins().await?,
@@ -94,5 +136,5 @@ async fn a_pin_then_unpin_then_pin_of_one_cid_ends_as_the_last_one_says() -> any
             last_end.insert(k, finished);
         }
     }
-    Ok(())
+    Ok(most_parked)
 }

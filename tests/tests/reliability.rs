@@ -220,13 +220,7 @@ async fn postgres_restart_mid_batch_answers_503_and_loses_nothing() -> anyhow::R
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ipfs_node_down_mid_batch_then_back_finishes_everything() -> anyhow::Result<()> {
-    let mut stack = Stack::new().await?;
-    stack.env.push(("PINQ_PIN_TIMEOUT_SECS".into(), "5".into()));
-    stack.start_ipfs().await?;
-    stack.start_api().await?;
-    stack.register_ipfs_backend("local").await?;
-    stack.start_worker()?;
-    stack.start_scheduler()?;
+    let mut stack = Stack::full_with_env(1, &[("PINQ_PIN_TIMEOUT_SECS", "5")]).await?;
     let cids = stack.ipfs().add_unpinned(&unique_contents(600)).await?;
     let retry = json!({"max_attempts": 10, "base_ms": 200, "factor": 2.0, "max_delay_ms": 3000});
     let batch = stack
