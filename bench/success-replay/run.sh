@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# What the attempt record costs a group of successes: replays, with pgbench, the shape of
+# the worker's success statement (the fenced update of 32 running jobs, their attempt
+# records and their pin-index upserts, as data-modifying CTEs) against the same statement
+# without the attempt records, on 100,000 running jobs (docs/performance.md).
+#
+#   bench/success-replay/run.sh        # 3 runs of each, 4 clients, 32 jobs a statement
+#
+# Uses a scratch database `pinq_success_replay` on $PGHOST (default 127.0.0.1), migrated
+# with migrations/*.sql and dropped at the end. The statements pick their 32 jobs by
+# sequence number instead of by the worker's id arrays, so the replay forces the nested
+# loops the production statement gets from its arrays (hash joins off).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+export PGHOST="${PGHOST:-127.0.0.1}" PGUSER="${PGUSER:-postgres}"
+db=pinq_success_replay
+runs="${RUNS:-3}"
+
+psql -qX -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null 2>&1
+trap 'psql -qX -c "DROP DATABASE IF EXISTS $db" >/dev/null' EXIT
+for m in ../../migrations/*.sql; do
+    psql -qX -v ON_ERROR_STOP=1 -d "$db" -f "$m" >/dev/null
+done
+
+for _ in $(seq "$runs"); do
+    for v in with_attempt without_attempt; do
+        psql -qX -v ON_ERROR_STOP=1 -d "$db" -f setup.sql >/dev/null 2>&1
+        sleep 1
+        PGOPTIONS='-c plan_cache_mode=force_generic_plan -c enable_hashjoin=off -c enable_mergejoin=off' \
+            pgbench -n -M prepared -c 4 -j 2 -t 781 -f "$v.sql" "$db" 2>/dev/null |
+            awk -v what="$v" '/^tps/ {printf "%-18s %8.0f jobs/s\n", what, $3 * 32}'
+    done
+done
