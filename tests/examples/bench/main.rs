@@ -654,6 +654,30 @@ async fn e2e(opts: &Opts, workers: usize) -> anyhow::Result<Outcome> {
             "s",
         ),
     ];
+    // How evenly the worker processes shared the jobs: successes per worker, from the
+    // attempt records (each names its worker).
+    let shares: Vec<(i64,)> = sqlx::query_as(
+        "SELECT count(*) FROM job_attempts a JOIN jobs j ON j.id = a.job_id
+         WHERE j.batch_id = ANY($1) AND a.outcome = 'succeeded'
+         GROUP BY a.worker_id ORDER BY 1 DESC",
+    )
+    .bind(&batch_ids)
+    .fetch_all(s.pool())
+    .await?;
+    let shares: Vec<i64> = shares.into_iter().map(|(n,)| n).collect();
+    if workers > 1 {
+        let least = if shares.len() < workers {
+            0
+        } else {
+            shares.last().copied().unwrap_or(0)
+        };
+        metrics.push(Metric::new(
+            &scenario,
+            "jobs run by the busiest / the least busy worker",
+            shares.first().copied().unwrap_or(0) as f64 / least.max(1) as f64,
+            "x",
+        ));
+    }
     for (label, _) in s.procs() {
         let peak = memory[&label]["vmhwm_mib"].as_f64().unwrap_or(0.0);
         metrics.push(Metric::new(
@@ -667,6 +691,7 @@ async fn e2e(opts: &Opts, workers: usize) -> anyhow::Result<Outcome> {
         metrics,
         details: json!({
             "workers": workers,
+            "succeeded_per_worker": shares,
             "concurrency": opts.concurrency,
             "jobs": opts.jobs,
             "succeeded": drained.succeeded,
