@@ -1043,7 +1043,8 @@ async fn lock_unblocked(
         .bind(after)
         .bind(limit)
     };
-    let (mut after, (mut upto, mut seen)) = (after, page(after).fetch_one(&mut *conn).await?);
+    let mut after = after;
+    let (mut upto, mut seen) = page(after).fetch_one(&mut *conn).await?;
     if upto.is_none() && !after.is_nil() {
         // Past the last page (the one before it was full): start again at the first.
         after = Uuid::nil();

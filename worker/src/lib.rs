@@ -297,16 +297,17 @@ async fn handle_delivery(ctx: Arc<Ctx>, delivery: Delivery) {
             return;
         }
     };
-    // Claim only what can start within moments, so claimed jobs never sit waiting while
-    // their leases run. A slot is a job claimed and not yet done calling its backend; there
-    // are as many as the concurrency plus a small headroom (`claim_headroom`), so the next
-    // claim overlaps the calls in flight. Wait until half of the concurrency in slots
-    // is free (or as many as the message has jobs left, if fewer), take whatever other
-    // slots are free at that moment, claim that many of the message's jobs in one
-    // statement and start them, and repeat until the whole message is claimed. Waiting for
-    // a share of the slots rather than for one keeps claims (and their commits) few and
-    // large when the worker is saturated; when it is not, the slots are free and nothing
-    // waits. The semaphore is fair, so a message is never starved by others.
+    // Claim only what can start as soon as the calls in flight end, so claimed jobs never
+    // wait behind more than that while their leases run. A slot is a job claimed and not
+    // yet done calling its backend; there are as many as the concurrency plus a headroom
+    // (`claim_headroom`), so the next claim overlaps the calls in flight. Wait until half
+    // of the concurrency in slots is free (or as many as the message has jobs left, if
+    // fewer), take whatever other slots are free at that moment, claim that many of the
+    // message's jobs in one statement and start them, and repeat until the whole message
+    // is claimed. Waiting for a share of the slots rather than for one keeps claims (and
+    // their commits) few and large when the worker is saturated; when it is not, the slots
+    // are free and nothing waits. The semaphore is fair, so a message is never starved by
+    // others.
     let mut rest: &[Uuid] = &message.jobs;
     let least = claim_least(ctx.args.concurrency);
     while !rest.is_empty() {

@@ -515,6 +515,15 @@ async fn ingest(opts: &Opts) -> anyhow::Result<Outcome> {
     let bodies = s.bodies(0, n_batches * opts.batch_ops, opts.batch_ops, 1);
     let body_mib = bodies.iter().map(Vec::len).sum::<usize>() as f64 / (1024.0 * 1024.0);
     let watch = RssWatch::start(s.procs());
+    // Who used the CPU, and the WAL PostgreSQL wrote, from the first send until every job
+    // is dispatched.
+    let api_pid = s
+        .procs()
+        .iter()
+        .find(|(l, _)| l == "api")
+        .map_or(0, |p| p.1);
+    let cpu0 = rss::CpuMark::read(api_pid);
+    let wal0 = wal_lsn(s.pool()).await?;
     let t0 = Instant::now();
     let (sent, wall) = s.submitter().send_all(bodies, opts.clients).await?;
     let total = (n_batches * opts.batch_ops) as f64;
@@ -530,6 +539,15 @@ async fn ingest(opts: &Opts) -> anyhow::Result<Outcome> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let cpu1 = rss::CpuMark::read(api_pid);
+    // The API is the mark's own process; `pinq` among the programs is the scheduler.
+    let api_cpu_s = ((cpu1.process_s - cpu0.process_s) * 100.0).round() / 100.0;
+    let cpu = cpu0.by_program(&cpu1);
+    let (wal_bytes,): (f64,) =
+        sqlx::query_as("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::pg_lsn)::float8")
+            .bind(&wal0)
+            .fetch_one(s.pool())
+            .await?;
     let mut took: Vec<f64> = sent.iter().map(|x| x.took.as_secs_f64() * 1000.0).collect();
     took.sort_by(f64::total_cmp);
     let memory = watch.finish();
@@ -583,11 +601,23 @@ async fn ingest(opts: &Opts) -> anyhow::Result<Outcome> {
             "body_mib": (body_mib * 10.0).round() / 10.0,
             "wall_s": secs(wall),
             "dispatched_s": dispatched.map(secs),
+            // The whole server's WAL: nothing else writes while the bench runs.
+            "wal_bytes_per_op": (wal_bytes / total).round(),
+            "api_cpu_s": api_cpu_s,
+            "others_cpu_by_program_s": cpu,
             "batch_202_ms": {"p50": percentile(&took, 0.5), "p90": percentile(&took, 0.9), "max": percentile(&took, 1.0)},
             "memory": memory,
             "loadavg_after": report::loadavg(),
         }),
     })
+}
+
+/// PostgreSQL's current WAL position, as text.
+async fn wal_lsn(pool: &PgPool) -> anyhow::Result<String> {
+    let (lsn,): (String,) = sqlx::query_as("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(pool)
+        .await?;
+    Ok(lsn)
 }
 
 /// End to end: 100,000 pin jobs from first submit to last `succeeded`.

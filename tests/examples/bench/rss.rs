@@ -99,6 +99,11 @@ pub struct CpuMark {
 // std targets.
 const TICK: f64 = 0.01;
 
+/// Seconds rounded to 10 ms.
+fn round_cs(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
 /// `(command name, utime + stime in seconds)` of one process.
 fn proc_cpu(pid: i32) -> Option<(String, f64)> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -125,6 +130,9 @@ fn program_of(comm: &str, pid: i32) -> &'static str {
         || comm == "inet_gethost"
     {
         "rabbitmq"
+    } else if comm.starts_with("kworker") {
+        // The kernel's worker threads (writeback of files among their work).
+        "kernel_workers"
     } else {
         "other"
     }
@@ -172,26 +180,31 @@ impl CpuMark {
         }
     }
 
-    /// What was used between `self` and `later`, rounded to 10 ms, as JSON: the node, the
-    /// machine, everything but the node, and that split by program (`pinq`'s processes,
-    /// `postgres`, `rabbitmq`, the `bench` itself and `other`; a process that started
-    /// after `self` counts from zero).
-    pub fn until(&self, later: &CpuMark) -> serde_json::Value {
-        let r = |x: f64| (x * 100.0).round() / 100.0;
+    /// What each program used between `self` and `later`, in seconds rounded to 10 ms:
+    /// `pinq`'s processes, `postgres`, `rabbitmq`, `kernel_workers`, the `bench` itself
+    /// and `other` (a process that started after `self` counts from zero).
+    pub fn by_program(&self, later: &CpuMark) -> serde_json::Value {
         let by_program: serde_json::Map<String, serde_json::Value> = later
             .programs
             .iter()
             .map(|(k, v)| {
                 let before = self.programs.get(k).copied().unwrap_or(0.0);
-                (k.to_string(), json!(r((v - before).max(0.0))))
+                (k.to_string(), json!(round_cs(v - before).max(0.0)))
             })
             .collect();
+        serde_json::Value::Object(by_program)
+    }
+
+    /// What was used between `self` and `later`, rounded to 10 ms, as JSON: the node, the
+    /// machine, everything but the node, and that split by program ([`CpuMark::by_program`]).
+    pub fn until(&self, later: &CpuMark) -> serde_json::Value {
+        let r = round_cs;
         serde_json::json!({
             "node_cpu_s": r(later.process_s - self.process_s),
             "machine_busy_cpu_s": r(later.machine_busy_s - self.machine_busy_s),
             "others_cpu_s": r((later.machine_busy_s - self.machine_busy_s)
                 - (later.process_s - self.process_s)),
-            "others_by_program_cpu_s": by_program,
+            "others_by_program_cpu_s": self.by_program(later),
         })
     }
 }
