@@ -443,6 +443,32 @@ impl IpfsNode {
     }
 }
 
+/// Stores `jobs` as one fresh batch of `owner` (priority 5, default retry policy) the way
+/// the API does, and marks its outbox row published; returns the batch id and the job ids.
+pub async fn store_batch(
+    pool: &PgPool,
+    owner: &str,
+    jobs: Vec<pinq_core::db::NewJob>,
+) -> anyhow::Result<(Uuid, Vec<Uuid>)> {
+    use pinq_core::db::{self, NewBatch, Stored};
+    let batch = NewBatch {
+        id: Uuid::now_v7(),
+        owner: owner.to_owned(),
+        priority: pinq_core::model::Priority::new(5)?,
+        backends: vec!["b".into()],
+        retry: pinq_core::retry::RetryPolicy::default(),
+        idempotency_key: None,
+        jobs,
+    };
+    match db::insert_batch(pool, &batch).await? {
+        Stored::Created { id, owed } => {
+            db::settle_dispatch(pool, owed.entry).await?;
+            Ok((id, owed.jobs.into_iter().map(|(id, _)| id).collect()))
+        }
+        Stored::Existing { .. } => bail!("a fresh batch was taken for an existing one"),
+    }
+}
+
 /// One relay scan, committed, as the relay runs it; returns (rows taken, jobs requeued).
 pub async fn relay_scan(
     pool: &PgPool,

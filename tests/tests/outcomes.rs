@@ -8,7 +8,7 @@ use pinq_core::cid::canonical_of;
 use pinq_core::db::{self, ClaimedJob, NewBatch, NewJob, RelayScan, Stored};
 use pinq_core::model::{Op, Priority};
 use pinq_core::retry::RetryPolicy;
-use pinq_e2e::{TestDb, random_cid, relay_scan, relay_scan_limit};
+use pinq_e2e::{TestDb, random_cid, relay_scan, relay_scan_limit, store_batch};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -50,22 +50,7 @@ fn replace_job(backend: Uuid, seq: i32, cid: &str, replaces: &str) -> NewJob {
 }
 
 async fn store(db: &TestDb, owner: &str, jobs: Vec<NewJob>) -> anyhow::Result<(Uuid, Vec<Uuid>)> {
-    let batch = NewBatch {
-        id: Uuid::now_v7(),
-        owner: owner.to_owned(),
-        priority: Priority::new(5)?,
-        backends: vec!["b".into()],
-        retry: RetryPolicy::default(),
-        idempotency_key: None,
-        jobs,
-    };
-    match db::insert_batch(&db.pool, &batch).await? {
-        Stored::Created { id, owed } => {
-            db::settle_dispatch(&db.pool, owed.entry).await?;
-            Ok((id, owed.jobs.into_iter().map(|(id, _)| id).collect()))
-        }
-        Stored::Existing { .. } => anyhow::bail!("a fresh batch was taken for an existing one"),
-    }
+    store_batch(&db.pool, owner, jobs).await
 }
 
 async fn claim(db: &TestDb, ids: &[Uuid], worker: Uuid) -> anyhow::Result<Vec<ClaimedJob>> {
