@@ -298,11 +298,20 @@ pub async fn delete_backend(
             return Ok(BackendDelete::HasHistory { finished });
         }
     }
-    let jobs_removed = sqlx::query("DELETE FROM jobs WHERE backend_id = $1")
-        .bind(id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+    // `job_attempts` has no foreign key on `jobs`: the jobs' records go in the same
+    // statement. None is being written: no job of the backend is unfinished.
+    let (jobs_removed,): (i64,) = sqlx::query_as(
+        "WITH gone AS (
+             DELETE FROM jobs WHERE backend_id = $1 RETURNING id
+         ), records AS (
+             DELETE FROM job_attempts WHERE job_id IN (SELECT id FROM gone)
+         )
+         SELECT count(*) FROM gone",
+    )
+    .bind(id)
+    .fetch_one(&mut *tx)
+    .await?;
+    let jobs_removed = u64::try_from(jobs_removed).unwrap_or(0);
     sqlx::query("DELETE FROM backends WHERE id = $1")
         .bind(id)
         .execute(&mut *tx)

@@ -307,6 +307,12 @@ async fn failures_and_bad_input_give_one_line_and_the_documented_exit_code() -> 
     .await
     .json();
     assert_eq!(rm["jobs_removed"], 1, "{rm}");
+    let (orphans,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM job_attempts a WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = a.job_id)",
+    )
+    .fetch_one(&stack.db.pool)
+    .await?;
+    assert_eq!(orphans, 0, "the purged job's attempt records went with it");
     pinq(&stack, &["backends", "check", "spare"])
         .await
         .assert_error(1, "no backend named 'spare'");

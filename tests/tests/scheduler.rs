@@ -530,6 +530,14 @@ async fn prune_deletes_old_finished_batches_and_keeps_the_rest() -> anyhow::Resu
     .execute(&stack.db.pool)
     .await?;
 
+    let (old_records,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM job_attempts a JOIN jobs j ON j.id = a.job_id WHERE j.batch_id = $1",
+    )
+    .bind(old)
+    .fetch_one(&stack.db.pool)
+    .await?;
+    assert_eq!(old_records, 2, "the old batch's jobs each ran once");
+
     let (status, output) = run_now(&stack, "prune").await?;
     assert_eq!(status, "succeeded", "{output}");
     assert_eq!(output["jobs_deleted"], 2, "{output}");
@@ -556,5 +564,6 @@ async fn prune_deletes_old_finished_batches_and_keeps_the_rest() -> anyhow::Resu
         attempts, all_attempts,
         "the deleted jobs' attempts went with them"
     );
+    assert_eq!(all_attempts, 4, "the kept batches' records stay");
     Ok(())
 }
