@@ -125,7 +125,8 @@ use crate::db::JOB_COLUMNS;
 /// batch's (a batch and its jobs are inserted in one transaction, so they share its
 /// `now()`), so a tenant's newest jobs are in its newest batches: `batches_owner_created`
 /// (or `batches_created` for an admin) gives the batches newest first, `jobs_batch_seq`
-/// their jobs, and the scan stops once a page is full. `jobs` needs no index of its own
+/// their jobs, and the scan stops after the batch that fills the page (a batch's jobs
+/// share its creation time, so each batch's are sorted by id). `jobs` needs no index of its own
 /// on owner or time, which every submitted job would pay for.
 ///
 /// Only the filters given are in the statement, so each combination gets a plan of its

@@ -475,6 +475,19 @@ async fn index_update_repairs_a_missing_pin_and_records_an_unmanaged_one() -> an
     .await?;
     assert_eq!(priority, 1);
     assert_eq!(owner, "admin");
+    // The job list reaches jobs through their batches: a repair job is its batch's.
+    let (same,): (bool,) = sqlx::query_as(
+        "SELECT j.owner = b.owner AND j.created_at = b.created_at
+         FROM jobs j JOIN batches b ON b.id = j.batch_id
+         WHERE j.cid = $1 AND j.meta ? 'repair'",
+    )
+    .bind(&lost_key)
+    .fetch_one(&stack.db.pool)
+    .await?;
+    assert!(
+        same,
+        "the repair job has its batch's owner and creation time"
+    );
     let done = stack.wait_done(batch_id, Duration::from_secs(60)).await?;
     assert_eq!(done["counts"]["succeeded"], 1, "{done}");
     assert!(

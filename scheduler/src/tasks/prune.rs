@@ -23,12 +23,13 @@ pub async fn run(ctx: &TaskCtx, args: &Value) -> anyhow::Result<Value> {
     // Only jobs whose whole batch is finished, so a batch never shows half its jobs.
     let jobs = chunked(ctx, chunk, jobs_days, |limit, days| {
         sqlx::query_scalar(
-            // The outer state test is checked again on the row being deleted, so a job
-            // re-driven while this runs is not deleted.
+            // The outer tests are checked again on the row being deleted, so a job
+            // re-driven while this runs is not deleted (every writer of a job, and so
+            // every writer of an attempt record, sets its `updated_at`).
             // Old jobs are found through their batches (`batches_created`): no index of
             // `jobs` names a column a job's progress changes (see the `hot_jobs` migration).
             // `job_attempts` has no foreign key on `jobs`: the records go here. A finished
-            // job gets no new record unless re-driven, which the state test excludes.
+            // job gets no new record unless re-driven, which the outer tests exclude.
             "WITH gone AS (
                  DELETE FROM jobs WHERE id IN (
                      SELECT j.id FROM batches b JOIN jobs j ON j.batch_id = b.id
@@ -39,6 +40,7 @@ pub async fn run(ctx: &TaskCtx, args: &Value) -> anyhow::Result<Value> {
                                        AND o.state IN ('queued', 'running', 'retry_wait'))
                      LIMIT $1)
                  AND state IN ('succeeded', 'failed', 'cancelled')
+                 AND updated_at < now() - make_interval(days => $2::int)
                  RETURNING id
              ), records AS (
                  DELETE FROM job_attempts WHERE job_id IN (SELECT id FROM gone)
