@@ -126,8 +126,8 @@ use crate::db::JOB_COLUMNS;
 /// `now()`), so a tenant's newest jobs are in its newest batches: `batches_owner_created`
 /// (or `batches_created` for an admin) gives the batches newest first, `jobs_batch_seq`
 /// their jobs, and the scan stops after the batch that fills the page (a batch's jobs
-/// share its creation time, so each batch's are sorted by id). `jobs` needs no index of its own
-/// on owner or time, which every submitted job would pay for.
+/// share its creation time, so each batch's are sorted by id). `jobs` needs no index of
+/// its own on owner or time, which every submitted job would pay for.
 ///
 /// Only the filters given are in the statement, so each combination gets a plan of its
 /// own rather than one generic plan that must serve them all.
@@ -289,30 +289,39 @@ pub async fn delete_backend(
         tx.rollback().await?;
         return Ok(BackendDelete::Busy { unfinished });
     }
-    if !purge {
-        let (finished,): (i64,) = sqlx::query_as("SELECT count(*) FROM jobs WHERE backend_id = $1")
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await?;
-        if finished > 0 {
-            tx.rollback().await?;
-            return Ok(BackendDelete::HasHistory { finished });
-        }
+    // With `purge`, only finished jobs go, and `job_attempts` has no foreign key on `jobs`:
+    // their records go in the same statement. The state is checked again on each row
+    // deleted, because a re-drive (which takes no lock on the backend) may have made a job
+    // unfinished since the count above; such a job stays, and the delete is refused below.
+    let mut jobs_removed = 0;
+    if purge {
+        let (n,): (i64,) = sqlx::query_as(
+            "WITH gone AS (
+                 DELETE FROM jobs
+                 WHERE backend_id = $1 AND state IN ('succeeded', 'failed', 'cancelled')
+                 RETURNING id
+             ), records AS (
+                 DELETE FROM job_attempts WHERE job_id IN (SELECT id FROM gone)
+             )
+             SELECT count(*) FROM gone",
+        )
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+        jobs_removed = u64::try_from(n).unwrap_or(0);
     }
-    // `job_attempts` has no foreign key on `jobs`: the jobs' records go in the same
-    // statement. None is being written: no job of the backend is unfinished.
-    let (jobs_removed,): (i64,) = sqlx::query_as(
-        "WITH gone AS (
-             DELETE FROM jobs WHERE backend_id = $1 RETURNING id
-         ), records AS (
-             DELETE FROM job_attempts WHERE job_id IN (SELECT id FROM gone)
-         )
-         SELECT count(*) FROM gone",
-    )
-    .bind(id)
-    .fetch_one(&mut *tx)
-    .await?;
-    let jobs_removed = u64::try_from(jobs_removed).unwrap_or(0);
+    let (left,): (i64,) = sqlx::query_as("SELECT count(*) FROM jobs WHERE backend_id = $1")
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+    if left > 0 {
+        tx.rollback().await?;
+        return Ok(if purge {
+            BackendDelete::Busy { unfinished: left }
+        } else {
+            BackendDelete::HasHistory { finished: left }
+        });
+    }
     sqlx::query("DELETE FROM backends WHERE id = $1")
         .bind(id)
         .execute(&mut *tx)
