@@ -98,8 +98,10 @@ pub async fn submit(
             .collect()
     };
 
-    // A user token may unpin only what the pin index records as its owner's: the nodes are
-    // shared, and one tenant must not remove another's pins (or pins made outside pinq).
+    // A user token may unpin only what its owner holds a reference to in the pin index:
+    // the nodes are shared, and one tenant must not remove another's pins (or pins made
+    // outside pinq). Its unpin removes that reference, and the node's pin only if no other
+    // owner holds one.
     if !caller.admin {
         let mut wanted = Vec::new();
         for (i, op) in request.ops.iter().enumerate() {
@@ -157,6 +159,9 @@ pub async fn submit(
                 replaces_key: replaces_key.clone(),
                 name: op.name.clone(),
                 meta: Value::Object(op.meta.clone()),
+                // An admin's unpin removes the pin for every owner; a user's, only its
+                // owner's reference.
+                unpin_all: caller.admin && op.op != Op::Pin,
             });
         }
     }

@@ -44,12 +44,15 @@ pub async fn run(client: &Client, cmd: PinsCommand) -> anyhow::Result<()> {
         print_json(&v);
         return Ok(());
     }
-    let mut t = Table::new(&["BACKEND", "CID", "STATUS", "NAME", "PINNED", "VERIFIED"]);
+    let mut t = Table::new(&[
+        "BACKEND", "CID", "STATUS", "OWNERS", "NAME", "PINNED", "VERIFIED",
+    ]);
     for p in v["pins"].as_array().into_iter().flatten() {
         t.row(vec![
             output::s(&p["backend"]),
             output::s(&p["cid"]),
             output::s(&p["status"]),
+            owners(&p["owners"]),
             output::s(&p["name"]),
             output::ago(&p["pinned_at"]),
             output::ago(&p["verified_at"]),
@@ -64,4 +67,19 @@ pub async fn run(client: &Client, cmd: PinsCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The owners holding a reference to a pin, comma-separated ("-" for none).
+fn owners(v: &serde_json::Value) -> String {
+    let names: Vec<&str> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o.as_str())
+        .collect();
+    if names.is_empty() {
+        "-".to_owned()
+    } else {
+        names.join(",")
+    }
 }

@@ -204,6 +204,9 @@ pub struct NewJob {
     pub replaces_key: Option<String>,
     pub name: Option<String>,
     pub meta: Value,
+    /// For an unpin or a replace: remove the pin for every owner that holds it, not only
+    /// the batch owner's reference (an admin's removal).
+    pub unpin_all: bool,
 }
 
 /// Jobs committed `queued` whose messages the committing process publishes itself right
@@ -246,6 +249,7 @@ pub async fn insert_batch(pool: &PgPool, batch: &NewBatch) -> Result<Stored, sql
     let mut replaces_keys = Vec::with_capacity(n);
     let mut names = Vec::with_capacity(n);
     let mut metas = Vec::with_capacity(n);
+    let mut unpin_all = Vec::with_capacity(n);
     for j in &batch.jobs {
         ids.push(j.id);
         seqs.push(j.seq);
@@ -257,6 +261,7 @@ pub async fn insert_batch(pool: &PgPool, batch: &NewBatch) -> Result<Stored, sql
         replaces_keys.push(j.replaces_key.clone());
         names.push(j.name.clone());
         metas.push(j.meta.to_string());
+        unpin_all.push(j.unpin_all);
     }
     let mut backends = backend_ids.clone();
     backends.sort_unstable();
@@ -273,13 +278,15 @@ pub async fn insert_batch(pool: &PgPool, batch: &NewBatch) -> Result<Stored, sql
          ), j AS (
              INSERT INTO jobs (id, batch_id, seq, owner, backend_id, op, cid, replaces_cid, name,
                                meta, priority, max_attempts, backoff_base_ms, backoff_factor,
-                               backoff_max_ms, cid_key, replaces_key)
+                               backoff_max_ms, cid_key, replaces_key, unpin_all)
              SELECT t.id, b.id, t.seq, $2, t.backend_id, t.op, t.cid, t.replaces_cid, t.name,
-                    t.meta::jsonb, $3, $16, $17, $18, $19, t.cid_key, t.replaces_key
+                    t.meta::jsonb, $3, $16, $17, $18, $19, t.cid_key, t.replaces_key,
+                    t.unpin_all
              FROM b, UNNEST($8::uuid[], $9::int4[], $10::uuid[], $11::text[], $12::text[],
-                            $13::text[], $14::text[], $15::text[], $21::text[], $22::text[])
+                            $13::text[], $14::text[], $15::text[], $21::text[], $22::text[],
+                            $23::bool[])
                   AS t(id, seq, backend_id, op, cid, replaces_cid, name, meta, cid_key,
-                       replaces_key)
+                       replaces_key, unpin_all)
          )
          INSERT INTO dispatch_outbox (job_ids, self_publishing)
          SELECT $8, true FROM b, (SELECT pinq_lock_backends($20)) AS locked
@@ -307,6 +314,7 @@ pub async fn insert_batch(pool: &PgPool, batch: &NewBatch) -> Result<Stored, sql
     .bind(&backends)
     .bind(&cid_keys)
     .bind(&replaces_keys)
+    .bind(&unpin_all)
     .fetch_optional(pool)
     .await?;
     let Some((entry,)) = entry else {
@@ -370,8 +378,8 @@ pub async fn settle_dispatch(pool: &PgPool, entry: i64) -> Result<(), sqlx::Erro
     Ok(())
 }
 
-/// Of the given (backend, canonical CID) pairs, those the pin index holds for someone
-/// other than `owner`: another tenant's pins, and pins made outside pinq (`unmanaged`).
+/// Of the given (backend, canonical CID) pairs, those the pin index holds without a
+/// reference of `owner`: other tenants' pins, and pins made outside pinq (`unmanaged`).
 pub async fn pins_not_owned_by(
     pool: &PgPool,
     owner: &str,
@@ -382,7 +390,7 @@ pub async fn pins_not_owned_by(
         "SELECT p.backend_id, p.cid FROM pins p
          JOIN UNNEST($1::uuid[], $2::text[]) AS t(backend_id, cid)
            ON p.backend_id = t.backend_id AND p.cid = t.cid
-         WHERE p.owner IS DISTINCT FROM $3",
+         WHERE NOT $3 = ANY (p.owners)",
     )
     .bind(&backends)
     .bind(&cids)
@@ -416,9 +424,35 @@ pub struct ClaimedJob {
     pub started_at: DateTime<Utc>,
     /// The claim (`job_claims`) whose lease covers this attempt.
     pub claim_id: i64,
+    /// See [`NewJob::unpin_all`].
+    pub unpin_all: bool,
+    /// For an unpin or a replace: another owner holds a reference to the pin this job
+    /// removes, so the node keeps it and only this owner's reference goes. Read when the
+    /// job was claimed; jobs on one CID and backend run one at a time, so no other job
+    /// changes the pin's references while this one runs.
+    pub others_hold: bool,
 }
 
 impl ClaimedJob {
+    /// The CID this job unpins: an unpin's own, or the old CID of a replace that changes
+    /// the content (a replace of a CID by another spelling of it unpins nothing).
+    pub fn removes(&self) -> Option<&str> {
+        match self.op.parse::<Op>() {
+            Ok(Op::Unpin) => Some(self.cid.as_str()),
+            Ok(Op::Replace) => self
+                .replaces_cid
+                .as_deref()
+                .filter(|old| key_of(old) != key_of(&self.cid)),
+            _ => None,
+        }
+    }
+
+    /// Whether the node is asked to unpin [`Self::removes`]: not while another owner
+    /// still holds a reference to it.
+    pub fn unpins_on_node(&self) -> bool {
+        self.removes().is_some() && !self.others_hold
+    }
+
     pub fn retry_policy(&self) -> RetryPolicy {
         RetryPolicy {
             max_attempts: self.max_attempts.max(1) as u32,
@@ -492,7 +526,18 @@ pub async fn claim_jobs(
              FROM ready, claim WHERE j.id = ready.id
              RETURNING j.id, j.batch_id, j.backend_id, j.owner, j.op, j.cid, j.replaces_cid,
                        j.name, j.priority, j.attempt, j.max_attempts, j.backoff_base_ms,
-                       j.backoff_factor, j.backoff_max_ms, j.started_at, j.claim_id
+                       j.backoff_factor, j.backoff_max_ms, j.started_at, j.claim_id,
+                       j.unpin_all,
+                       -- Whether an owner other than this job's holds the pin it removes
+                       -- (a pin's jobs never look: CASE evaluates only the branch taken).
+                       CASE WHEN j.op = 'pin' OR j.unpin_all THEN false
+                            ELSE EXISTS (
+                                SELECT 1 FROM pins p
+                                WHERE p.backend_id = j.backend_id
+                                  AND p.cid = CASE WHEN j.op = 'unpin' THEN j.cid_key
+                                                   ELSE j.replaces_key END
+                                  AND NOT p.owners <@ ARRAY[j.owner])
+                       END AS others_hold
          )
          SELECT * FROM c",
     )
@@ -691,19 +736,22 @@ pub async fn finish_succeeded(
          ), attempts AS (
              INSERT INTO job_attempts (job_id, attempt, worker_id, started_at, finished_at,
                                        outcome, error)
-             SELECT t.id, t.attempt, $11, t.started_at, now(), 'succeeded', NULL
-             FROM UNNEST($9::uuid[], $10::int4[], $12::timestamptz[]) AS t(id, attempt, started_at)
+             SELECT t.id, t.attempt, $13, t.started_at, now(), 'succeeded', NULL
+             FROM UNNEST($11::uuid[], $12::int4[], $14::timestamptz[]) AS t(id, attempt, started_at)
              JOIN done ON done.id = t.id
              ON CONFLICT (job_id, attempt) DO UPDATE
              SET finished_at = EXCLUDED.finished_at, outcome = EXCLUDED.outcome, error = NULL
          ), upserts AS (
              {upsert}
+         ), releases AS (
+             {release}
          ), deletes AS (
              {delete}
          )
          SELECT id FROM done",
-        locked = fenced_locked("$9", "$10", "$11"),
+        locked = fenced_locked("$11", "$12", "$13"),
         upsert = PinWrites::UPSERT.replace("{done}", "JOIN done ON done.id = t.job_id"),
+        release = PinWrites::release_sql(6, "JOIN done ON done.id = t.job_id"),
         delete = PinWrites::delete_sql(6, "JOIN done ON done.id = t.job_id"),
     )))
     .bind(&writes.up_backends)
@@ -714,6 +762,8 @@ pub async fn finish_succeeded(
     .bind(&writes.del_backends)
     .bind(&writes.del_cids)
     .bind(&writes.del_jobs)
+    .bind(&writes.del_owners)
+    .bind(&writes.del_kept)
     .bind(&ids)
     .bind(&attempts)
     .bind(worker_id)
@@ -813,16 +863,14 @@ async fn record_attempts(
 }
 
 /// What one successful job changes in the pin index: the (backend, canonical CID) it
-/// pinned, and the one it unpinned.
+/// pinned, and the one it unpinned (see [`ClaimedJob::removes`]).
 fn pin_changes(job: &ClaimedJob) -> PinChange {
     let op: Op = job.op.parse().unwrap_or(Op::Pin);
     let pinned = matches!(op, Op::Pin | Op::Replace).then(|| (job.backend_id, key_of(&job.cid)));
-    let removed = match op {
-        Op::Unpin => Some(job.cid.as_str()),
-        Op::Replace => job.replaces_cid.as_deref().filter(|old| *old != job.cid),
-        Op::Pin => None,
-    };
-    (pinned, removed.map(|cid| (job.backend_id, key_of(cid))))
+    (
+        pinned,
+        job.removes().map(|cid| (job.backend_id, key_of(cid))),
+    )
 }
 
 /// Whether two of these changes touch the same pin.
@@ -867,38 +915,75 @@ struct PinWrites {
     del_backends: Vec<Uuid>,
     del_cids: Vec<String>,
     del_jobs: Vec<Uuid>,
+    del_owners: Vec<String>,
+    /// The node kept the pin for other owners ([`ClaimedJob::others_hold`]): only this
+    /// owner's reference goes, the row stays.
+    del_kept: Vec<bool>,
 }
 
 impl PinWrites {
     /// The upsert, over parameters $1–$5; `{done}` is where a caller may join the rows
-    /// that really were written.
-    const UPSERT: &str = "INSERT INTO pins (backend_id, cid, owner, name, job_id, status, pinned_at, verified_at)
-         SELECT t.backend_id, t.cid, t.owner, t.name, t.job_id, 'pinned', now(), now()
+    /// that really were written. A pin adds its owner's reference. The row's `owner`,
+    /// `name` and `job_id` are those of its first live reference: another owner's pin of
+    /// the same content adds a reference and leaves them (a pin found outside pinq,
+    /// `unmanaged`, has no reference and is taken over).
+    const UPSERT: &str = "INSERT INTO pins (backend_id, cid, owner, owners, name, job_id, status,
+                          pinned_at, verified_at)
+         SELECT t.backend_id, t.cid, t.owner, ARRAY[t.owner], t.name, t.job_id, 'pinned',
+                now(), now()
          FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::uuid[])
               AS t(backend_id, cid, owner, name, job_id)
          {done}
          ORDER BY t.backend_id, t.cid
          ON CONFLICT (backend_id, cid) DO UPDATE
-         -- A pin another tenant already holds stays theirs: a second pin of the same
-         -- content does not take the index row over.
-         SET owner = CASE WHEN pins.status = 'pinned' AND pins.owner IS NOT NULL
-                          THEN pins.owner ELSE EXCLUDED.owner END,
-             name = CASE WHEN pins.status = 'pinned' AND pins.owner IS NOT NULL
-                         AND pins.owner <> EXCLUDED.owner THEN pins.name ELSE EXCLUDED.name END,
-             job_id = CASE WHEN pins.status = 'pinned' AND pins.owner IS NOT NULL
-                           AND pins.owner <> EXCLUDED.owner THEN pins.job_id ELSE EXCLUDED.job_id END,
+         SET owners = CASE WHEN EXCLUDED.owner = ANY (pins.owners) THEN pins.owners
+                           ELSE pins.owners || EXCLUDED.owner END,
+             owner = CASE WHEN pins.owners = '{}' OR pins.owner IS NULL
+                          THEN EXCLUDED.owner ELSE pins.owner END,
+             name = CASE WHEN pins.owners = '{}' OR pins.owner IS NULL
+                              OR pins.owner = EXCLUDED.owner
+                         THEN EXCLUDED.name ELSE pins.name END,
+             job_id = CASE WHEN pins.owners = '{}' OR pins.owner IS NULL
+                                OR pins.owner = EXCLUDED.owner
+                           THEN EXCLUDED.job_id ELSE pins.job_id END,
              status = 'pinned', verified_at = now(), updated_at = now(),
              pinned_at = CASE WHEN pins.status = 'pinned' THEN pins.pinned_at ELSE now() END";
 
-    /// The deletes, over three parameters from `$first` on (backends, CIDs, jobs), with a
-    /// `done` join like the upsert's.
+    /// The unpins the node did not carry out because other owners hold the pin: the
+    /// job's owner's reference is removed, over five parameters from `$first` on
+    /// (backends, CIDs, jobs, owners, kept), with a `done` join like the upsert's. If the
+    /// row's first reference goes, the next one takes its place (its name and job are not
+    /// known, so they are cleared). A row left with no reference (which jobs running in
+    /// order on a pin do not leave) is still on the node: `unmanaged`.
+    fn release_sql(first: usize, done: &str) -> String {
+        let (b, c, j, o, k) = (first, first + 1, first + 2, first + 3, first + 4);
+        format!(
+            "UPDATE pins p
+             SET owners = array_remove(p.owners, t.owner),
+                 owner = CASE WHEN p.owner = t.owner
+                              THEN (array_remove(p.owners, t.owner))[1] ELSE p.owner END,
+                 name = CASE WHEN p.owner = t.owner THEN NULL ELSE p.name END,
+                 job_id = CASE WHEN p.owner = t.owner THEN NULL ELSE p.job_id END,
+                 status = CASE WHEN array_remove(p.owners, t.owner) = '{{}}'
+                               THEN 'unmanaged' ELSE p.status END,
+                 updated_at = now()
+             FROM UNNEST(${b}::uuid[], ${c}::text[], ${j}::uuid[], ${o}::text[], ${k}::bool[])
+                  AS t(backend_id, cid, job_id, owner, kept)
+             {done}
+             WHERE t.kept AND p.backend_id = t.backend_id AND p.cid = t.cid"
+        )
+    }
+
+    /// The unpins the node carried out: the row goes, whoever else held it (an admin's
+    /// unpin, or the last reference). Same parameters as [`Self::release_sql`].
     fn delete_sql(first: usize, done: &str) -> String {
-        let (b, c, j) = (first, first + 1, first + 2);
+        let (b, c, j, o, k) = (first, first + 1, first + 2, first + 3, first + 4);
         format!(
             "DELETE FROM pins p
-             USING UNNEST(${b}::uuid[], ${c}::text[], ${j}::uuid[]) AS t(backend_id, cid, job_id)
+             USING UNNEST(${b}::uuid[], ${c}::text[], ${j}::uuid[], ${o}::text[], ${k}::bool[])
+                   AS t(backend_id, cid, job_id, owner, kept)
              {done}
-             WHERE p.backend_id = t.backend_id AND p.cid = t.cid"
+             WHERE NOT t.kept AND p.backend_id = t.backend_id AND p.cid = t.cid"
         )
     }
 
@@ -908,11 +993,11 @@ impl PinWrites {
             .filter_map(|(j, (p, _))| p.as_ref().map(|k| (*j, k)))
             .collect();
         upserts.sort_by(|a, b| a.1.cmp(b.1));
-        let mut deletes: Vec<(&(Uuid, String), Uuid)> = changes
+        let mut deletes: Vec<(&(Uuid, String), &ClaimedJob)> = changes
             .iter()
-            .filter_map(|(j, (_, r))| r.as_ref().map(|k| (k, j.id)))
+            .filter_map(|(j, (_, r))| r.as_ref().map(|k| (k, *j)))
             .collect();
-        deletes.sort();
+        deletes.sort_by(|a, b| a.0.cmp(b.0).then(a.1.id.cmp(&b.1.id)));
         PinWrites {
             up_backends: upserts.iter().map(|(_, k)| k.0).collect(),
             up_cids: upserts.iter().map(|(_, k)| k.1.clone()).collect(),
@@ -921,12 +1006,14 @@ impl PinWrites {
             up_jobs: upserts.iter().map(|(j, _)| j.id).collect(),
             del_backends: deletes.iter().map(|(k, _)| k.0).collect(),
             del_cids: deletes.iter().map(|(k, _)| k.1.clone()).collect(),
-            del_jobs: deletes.iter().map(|(_, id)| *id).collect(),
+            del_jobs: deletes.iter().map(|(_, j)| j.id).collect(),
+            del_owners: deletes.iter().map(|(_, j)| j.owner.clone()).collect(),
+            del_kept: deletes.iter().map(|(_, j)| !j.unpins_on_node()).collect(),
         }
     }
 }
 
-/// Writes pin-index changes whose keys are all distinct: two statements.
+/// Writes pin-index changes whose keys are all distinct: up to three statements.
 async fn apply_pin_changes(
     conn: &mut PgConnection,
     changes: &[(&ClaimedJob, PinChange)],
@@ -943,12 +1030,16 @@ async fn apply_pin_changes(
             .await?;
     }
     if !w.del_jobs.is_empty() {
-        sqlx::query(AssertSqlSafe(PinWrites::delete_sql(1, "")))
-            .bind(&w.del_backends)
-            .bind(&w.del_cids)
-            .bind(&w.del_jobs)
-            .execute(&mut *conn)
-            .await?;
+        for sql in [PinWrites::release_sql(1, ""), PinWrites::delete_sql(1, "")] {
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(&w.del_backends)
+                .bind(&w.del_cids)
+                .bind(&w.del_jobs)
+                .bind(&w.del_owners)
+                .bind(&w.del_kept)
+                .execute(&mut *conn)
+                .await?;
+        }
     }
     Ok(())
 }

@@ -4,10 +4,13 @@
 //! A pin request is backed by a batch of one operation fanned out to the placement
 //! backends: `pin` for `POST /pins`, `replace` (pin the new CID, then unpin the old) for
 //! `POST /pins/{requestid}`, and `DELETE` adds an `unpin` batch. Its status is derived from
-//! the jobs (see the `psa_status_of_batch` SQL function). Pins are reference counted over
-//! live requests: deleting or replacing a request unpins a CID from a backend only if no
-//! other live request (of any tenant) still holds it there. Writes for one CID serialise
-//! on a transaction-scoped advisory lock, so a concurrent add is always seen by a delete.
+//! the jobs (see the `psa_status_of_batch` SQL function). Pins are reference counted: an
+//! owner's live requests for a CID on a backend make one reference of that owner, and
+//! deleting or replacing a request removes it only when no other live request of the same
+//! owner holds the CID there. The unpin job then removes that owner's reference from the
+//! pin index, and the node unpins only when no owner (through this API or `/v1/batches`)
+//! holds one. Writes for one CID serialise on a transaction-scoped advisory lock, so a
+//! concurrent add is always seen by a delete.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -555,16 +558,20 @@ async fn stop_batch(tx: &mut Transaction<'_, Postgres>, batch_id: Uuid) -> Resul
     Ok(())
 }
 
-/// Backends on which some live request still holds this CID.
+/// Backends on which another live request of `owner` still holds this CID. (Other
+/// owners' references are the pin index's to count: an owner's unpin job removes only its
+/// own, and the node's pin goes with the last.)
 async fn still_held(
     tx: &mut Transaction<'_, Postgres>,
     canonical: &str,
+    owner: &str,
 ) -> Result<HashSet<String>, sqlx::Error> {
     let rows: Vec<(String,)> = sqlx::query_as(
         "SELECT DISTINCT unnest(backends) FROM pin_requests
-         WHERE cid_canonical = $1 AND deleted_at IS NULL",
+         WHERE cid_canonical = $1 AND owner = $2 AND deleted_at IS NULL",
     )
     .bind(canonical)
+    .bind(owner)
     .fetch_all(&mut **tx)
     .await?;
     Ok(rows.into_iter().map(|(b,)| b).collect())
@@ -585,8 +592,9 @@ async fn backends_named(
     Ok(found)
 }
 
-/// Deletes a live request: stops its jobs, and unpins its CID from each of its backends
-/// where no other live request holds it. `None`: no such request for this owner;
+/// Deletes a live request: stops its jobs, and unpins its CID (its owner's reference)
+/// from each of its backends where no other live request of that owner holds it. `None`:
+/// no such request for this owner;
 /// `Some(None)`: deleted, nothing to unpin.
 pub async fn delete_request(
     pool: &PgPool,
@@ -600,7 +608,7 @@ pub async fn delete_request(
     };
     lock_cid(&mut tx, &old.cid_canonical).await?;
     stop_batch(&mut tx, old.batch_id).await?;
-    let held = still_held(&mut tx, &old.cid_canonical).await?;
+    let held = still_held(&mut tx, &old.cid_canonical, &old.owner).await?;
     let release: Vec<String> = old
         .backends
         .iter()
@@ -639,8 +647,8 @@ pub enum Replaced {
 
 /// Replaces a live request with a new one (new requestid) in one transaction. On each of
 /// the old request's backends the job is a `replace` (pin the new CID, then unpin the old),
-/// or a plain `pin` where another live request still holds the old CID or the CID is
-/// unchanged.
+/// or a plain `pin` where another live request of its owner still holds the old CID or
+/// the CID is unchanged.
 pub async fn replace_request(
     pool: &PgPool,
     id: Uuid,
@@ -665,7 +673,7 @@ pub async fn replace_request(
         lock_cid(&mut tx, &keys[1]).await?;
     }
     stop_batch(&mut tx, old.batch_id).await?;
-    let held = still_held(&mut tx, &old.cid_canonical).await?;
+    let held = still_held(&mut tx, &old.cid_canonical, &old.owner).await?;
     let backends = backends_named(&mut tx, &old.backends).await?;
     if backends.is_empty() {
         tx.rollback().await?;

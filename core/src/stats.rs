@@ -194,7 +194,10 @@ pub async fn list_jobs(pool: &PgPool, f: &JobFilter) -> Result<Vec<JobRow>, sqlx
 pub struct PinRow {
     pub backend: String,
     pub cid: String,
+    /// The owner of the row's first live reference (for a tenant: the tenant itself).
     pub owner: Option<String>,
+    /// Every owner holding a reference to the pin (for a tenant: only itself).
+    pub owners: Vec<String>,
     pub name: Option<String>,
     pub job_id: Option<Uuid>,
     pub status: String,
@@ -215,14 +218,20 @@ pub struct PinFilter {
     pub limit: i64,
 }
 
-/// Pin index rows, ordered by backend name then CID.
+/// Pin index rows, ordered by backend name then CID. With `owner` set (a tenant's view),
+/// the rows it holds a reference to, showing no other owner: the name and job of a row
+/// another owner pinned first are left out.
 pub async fn list_pins(pool: &PgPool, f: &PinFilter) -> Result<Vec<PinRow>, sqlx::Error> {
     let (after_backend, after_cid) = f.after.clone().unzip();
     sqlx::query_as(
-        "SELECT b.name AS backend, p.cid, p.owner, p.name, p.job_id, p.status, p.pinned_at,
-                p.verified_at, p.updated_at
+        "SELECT b.name AS backend, p.cid,
+                CASE WHEN $1::text IS NULL THEN p.owner ELSE $1 END AS owner,
+                CASE WHEN $1::text IS NULL THEN p.owners ELSE ARRAY[$1] END AS owners,
+                CASE WHEN $1::text IS NULL OR p.owner = $1 THEN p.name END AS name,
+                CASE WHEN $1::text IS NULL OR p.owner = $1 THEN p.job_id END AS job_id,
+                p.status, p.pinned_at, p.verified_at, p.updated_at
          FROM pins p JOIN backends b ON b.id = p.backend_id
-         WHERE ($1::text IS NULL OR p.owner = $1)
+         WHERE ($1::text IS NULL OR $1 = ANY (p.owners))
            AND ($2::text IS NULL OR b.name = $2)
            AND ($3::text IS NULL OR p.cid = $3)
            AND ($4::text IS NULL OR p.status = $4)

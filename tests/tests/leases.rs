@@ -28,6 +28,7 @@ fn pin_job(backend: Uuid, seq: i32) -> NewJob {
         replaces_key: None,
         name: None,
         meta: json!({}),
+        unpin_all: false,
     }
 }
 

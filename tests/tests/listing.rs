@@ -27,6 +27,7 @@ fn job(backend: Uuid, seq: i32, cid: &str) -> NewJob {
         replaces_key: None,
         name: None,
         meta: json!({}),
+        unpin_all: false,
     }
 }
 

@@ -29,6 +29,7 @@ fn job(backend: Uuid, seq: i32, op: Op, cid: &str) -> NewJob {
         replaces_key: None,
         name: Some(format!("job-{seq}")),
         meta: json!({}),
+        unpin_all: false,
     }
 }
 
@@ -249,6 +250,138 @@ async fn successes_that_touch_one_pin_are_applied_in_order() -> anyhow::Result<(
         Some(("alice".into(), ids[1]))
     );
     assert_eq!(db.count("job_attempts").await, 4);
+    Ok(())
+}
+
+/// A pin-index row's references: (owner, owners, name, job, status).
+type Refs = (
+    Option<String>,
+    Vec<String>,
+    Option<String>,
+    Option<Uuid>,
+    String,
+);
+
+async fn refs(db: &TestDb, backend: Uuid, cid: &str) -> anyhow::Result<Option<Refs>> {
+    Ok(sqlx::query_as(
+        "SELECT owner, owners, name, job_id, status FROM pins WHERE backend_id = $1 AND cid = $2",
+    )
+    .bind(backend)
+    .bind(canonical_of(cid).expect("valid CID"))
+    .fetch_optional(&db.pool)
+    .await?)
+}
+
+/// Stores the jobs as a batch of `owner`, claims them and writes their successes as one
+/// group; returns what the claim handed the worker.
+async fn run_as(
+    db: &TestDb,
+    owner: &str,
+    worker: Uuid,
+    jobs: Vec<NewJob>,
+) -> anyhow::Result<Vec<ClaimedJob>> {
+    let (_, ids) = store(db, owner, jobs).await?;
+    let claimed = claim(db, &ids, worker).await?;
+    assert_eq!(claimed.len(), ids.len(), "every job claimed");
+    let group: Vec<&ClaimedJob> = claimed.iter().collect();
+    assert_eq!(db::finish_succeeded(&db.pool, &group, worker).await?, ids);
+    Ok(claimed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_owner_holds_its_own_reference_to_a_pin() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let backend = db::insert_backend(&db.pool, "b", "kubo", "http://127.0.0.1:9").await?;
+    let b = backend.id;
+    let worker = Uuid::now_v7();
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+
+    // Alice pins A, then Bob: two references; the row stays Alice's.
+    let alice_pin = run_as(&db, "alice", worker, vec![job(b, 0, Op::Pin, A)]).await?;
+    run_as(&db, "bob", worker, vec![job(b, 0, Op::Pin, A)]).await?;
+    assert_eq!(
+        refs(&db, b, A).await?,
+        Some((
+            Some("alice".into()),
+            s(&["alice", "bob"]),
+            Some("job-0".into()),
+            Some(alice_pin[0].id),
+            "pinned".into()
+        ))
+    );
+    // Pinning again adds no second reference.
+    run_as(&db, "bob", worker, vec![job(b, 0, Op::Pin, A)]).await?;
+    assert_eq!(
+        refs(&db, b, A).await?.map(|r| r.1),
+        Some(s(&["alice", "bob"]))
+    );
+
+    // Carol holds none: her unpin (the API refuses it for a user token) leaves the node's
+    // pin and every reference alone.
+    let carol = run_as(&db, "carol", worker, vec![job(b, 0, Op::Unpin, A)]).await?;
+    assert!(carol[0].others_hold && !carol[0].unpins_on_node());
+    assert_eq!(
+        refs(&db, b, A).await?.map(|r| r.1),
+        Some(s(&["alice", "bob"]))
+    );
+
+    // Alice's unpin takes her reference only; Bob's is now the row's first.
+    let alice = run_as(&db, "alice", worker, vec![job(b, 0, Op::Unpin, A)]).await?;
+    assert!(alice[0].others_hold && !alice[0].unpins_on_node());
+    assert_eq!(
+        refs(&db, b, A).await?,
+        Some((Some("bob".into()), s(&["bob"]), None, None, "pinned".into()))
+    );
+
+    // Bob's is the last: the node unpins and the row goes.
+    let bob = run_as(&db, "bob", worker, vec![job(b, 0, Op::Unpin, A)]).await?;
+    assert!(!bob[0].others_hold && bob[0].unpins_on_node());
+    assert_eq!(refs(&db, b, A).await?, None);
+
+    // An unpin for every owner (an admin's) unpins on the node whoever holds the pin.
+    run_as(&db, "alice", worker, vec![job(b, 0, Op::Pin, B)]).await?;
+    run_as(&db, "bob", worker, vec![job(b, 0, Op::Pin, B)]).await?;
+    let all = NewJob {
+        unpin_all: true,
+        ..job(b, 0, Op::Unpin, B)
+    };
+    let ops = run_as(&db, "ops", worker, vec![all]).await?;
+    assert!(!ops[0].others_hold && ops[0].unpins_on_node());
+    assert_eq!(refs(&db, b, B).await?, None);
+
+    // A replace moves its owner's reference: Alice replaces C, which Bob also holds, by
+    // B. The node keeps C for Bob.
+    run_as(&db, "alice", worker, vec![job(b, 0, Op::Pin, C)]).await?;
+    run_as(&db, "bob", worker, vec![job(b, 0, Op::Pin, C)]).await?;
+    let moved = run_as(&db, "alice", worker, vec![replace_job(b, 0, B, C)]).await?;
+    assert!(moved[0].others_hold && !moved[0].unpins_on_node());
+    assert_eq!(refs(&db, b, C).await?.map(|r| r.1), Some(s(&["bob"])));
+    assert_eq!(refs(&db, b, B).await?.map(|r| r.1), Some(s(&["alice"])));
+    // A replace of a CID by another spelling of it unpins nothing.
+    let v1 = canonical_of(V0).expect("valid CID");
+    run_as(&db, "alice", worker, vec![job(b, 0, Op::Pin, V0)]).await?;
+    let respelled = run_as(&db, "alice", worker, vec![replace_job(b, 0, &v1, V0)]).await?;
+    assert_eq!(respelled[0].removes(), None);
+    assert_eq!(refs(&db, b, V0).await?.map(|r| r.1), Some(s(&["alice"])));
+
+    // A pin found on the node outside pinq has no reference: a pin takes it over.
+    let d = random_cid();
+    sqlx::query("INSERT INTO pins (backend_id, cid, status) VALUES ($1, $2, 'unmanaged')")
+        .bind(b)
+        .bind(canonical_of(&d).expect("valid CID"))
+        .execute(&db.pool)
+        .await?;
+    let took = run_as(&db, "bob", worker, vec![job(b, 0, Op::Pin, &d)]).await?;
+    assert_eq!(
+        refs(&db, b, &d).await?,
+        Some((
+            Some("bob".into()),
+            s(&["bob"]),
+            Some("job-0".into()),
+            Some(took[0].id),
+            "pinned".into()
+        ))
+    );
     Ok(())
 }
 

@@ -323,36 +323,76 @@ async fn cli_tokens_create_list_revoke() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Submits a batch with `token` and waits until every job of it has ended.
+async fn run_batch(stack: &Stack, token: &str, body: Value) -> anyhow::Result<()> {
+    let (code, v) = call(stack, token, Method::POST, "/v1/batches", Some(body)).await?;
+    anyhow::ensure!(code == 202, "batch answered {code}: {v}");
+    let id: uuid::Uuid = v["id"].as_str().unwrap_or_default().parse()?;
+    let done = stack.wait_done(id, Duration::from_secs(60)).await?;
+    anyhow::ensure!(done["counts"]["succeeded"] == done["jobs"], "{done}");
+    Ok(())
+}
+
+/// The owners holding a reference to `cid` in the pin index, sorted (empty: no row).
+async fn owners_of(stack: &Stack, cid: &str) -> anyhow::Result<Vec<String>> {
+    let key = pinq_core::cid::canonical_of(cid).expect("valid CID");
+    let row: Option<(Vec<String>,)> = sqlx::query_as("SELECT owners FROM pins WHERE cid = $1")
+        .bind(key)
+        .fetch_optional(&stack.db.pool)
+        .await?;
+    let mut owners = row.map(|r| r.0).unwrap_or_default();
+    owners.sort();
+    Ok(owners)
+}
+
+async fn on_node(stack: &Stack, cid: &str) -> anyhow::Result<bool> {
+    let key = pinq_core::cid::canonical_of(cid).expect("valid CID");
+    Ok(stack.ipfs().pins().await?.contains(&key))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tenant_b_cannot_unpin_or_take_over_tenant_a_pins() -> anyhow::Result<()> {
+async fn tenants_pinning_one_cid_each_hold_a_reference() -> anyhow::Result<()> {
     let stack = Stack::full(1).await?;
     let a = token(&stack, "a-pins", "tenant-a").await?;
     let b = token(&stack, "b-pins", "tenant-b").await?;
-    let cids = stack.ipfs().add_unpinned(&unique_contents(1)).await?;
-    let x = cids[0].clone();
-    let pin = json!({"ops": [{"op": "pin", "cid": x}]});
+    let c = token(&stack, "c-pins", "tenant-c").await?;
+    let cids = stack.ipfs().add_unpinned(&unique_contents(3)).await?;
+    let (x, y, z) = (cids[0].clone(), cids[1].clone(), cids[2].clone());
+    let pin = |cid: &str, name: &str| json!({"ops": [{"op": "pin", "cid": cid, "name": name}]});
+    let unpin = |cid: &str| json!({"ops": [{"op": "unpin", "cid": cid}]});
 
-    let (code, v) = call(&stack, &a, Method::POST, "/v1/batches", Some(pin.clone())).await?;
-    assert_eq!(code, 202, "{v}");
-    let batch_a: uuid::Uuid = v["id"].as_str().unwrap_or_default().parse()?;
-    stack.wait_done(batch_a, Duration::from_secs(60)).await?;
-    // B pins the same content too: the pin index keeps it as A's.
-    let (code, v) = call(&stack, &b, Method::POST, "/v1/batches", Some(pin)).await?;
-    assert_eq!(code, 202, "{v}");
-    let batch_b: uuid::Uuid = v["id"].as_str().unwrap_or_default().parse()?;
-    stack.wait_done(batch_b, Duration::from_secs(60)).await?;
-    let (owner,): (Option<String>,) = sqlx::query_as("SELECT owner FROM pins")
-        .fetch_one(&stack.db.pool)
+    // A and B pin the same content: each holds a reference.
+    run_batch(&stack, &a, pin(&x, "a-private-name")).await?;
+    run_batch(&stack, &b, pin(&x, "b-name")).await?;
+    assert_eq!(owners_of(&stack, &x).await?, ["tenant-a", "tenant-b"]);
+    // B sees the pin as its own, and nothing of A's.
+    let (code, v) = call(&stack, &b, Method::GET, "/v1/pin-index", None).await?;
+    assert_eq!(code, 200, "{v}");
+    let rows = v["pins"].as_array().cloned().unwrap_or_default();
+    assert_eq!(rows.len(), 1, "{v}");
+    assert_eq!(rows[0]["owner"], "tenant-b");
+    assert_eq!(rows[0]["owners"], json!(["tenant-b"]));
+    assert!(
+        rows[0]["name"].is_null() && rows[0]["job_id"].is_null(),
+        "{v}"
+    );
+    // The admin sees both references.
+    let v: Value = stack
+        .req(Method::GET, "/v1/pin-index")
+        .send()
+        .await?
+        .json()
         .await?;
-    assert_eq!(owner.as_deref(), Some("tenant-a"));
+    assert_eq!(v["pins"][0]["owners"], json!(["tenant-a", "tenant-b"]));
+    assert_eq!(v["pins"][0]["name"], "a-private-name");
 
-    // B may not remove it, by unpin or by replace; nothing is stored.
+    // C holds none: it may not remove the pin, by unpin or by replace; nothing is stored.
     let jobs_before = stack.db.count("jobs").await;
     for body in [
-        json!({"ops": [{"op": "unpin", "cid": x}]}),
-        json!({"ops": [{"op": "replace", "cid": x, "replaces": x}]}),
+        unpin(&x),
+        json!({"ops": [{"op": "replace", "cid": y, "replaces": x}]}),
     ] {
-        let (code, v) = call(&stack, &b, Method::POST, "/v1/batches", Some(body)).await?;
+        let (code, v) = call(&stack, &c, Method::POST, "/v1/batches", Some(body)).await?;
         assert_eq!(code, 400, "{v}");
         assert!(
             v["error"]["details"][0]["message"]
@@ -362,24 +402,65 @@ async fn tenant_b_cannot_unpin_or_take_over_tenant_a_pins() -> anyhow::Result<()
         );
     }
     assert_eq!(stack.db.count("jobs").await, jobs_before);
-    assert_eq!(
-        stack.ipfs().pins().await?.len(),
-        1,
-        "still pinned on the node"
-    );
 
-    // A may.
+    // A's unpin takes A's reference: the node keeps the content for B.
+    run_batch(&stack, &a, unpin(&x)).await?;
+    assert!(on_node(&stack, &x).await?, "B's pin survives A's unpin");
+    assert_eq!(owners_of(&stack, &x).await?, ["tenant-b"]);
+    // B's is the last: the node unpins.
+    run_batch(&stack, &b, unpin(&x)).await?;
+    assert!(!on_node(&stack, &x).await?);
+    assert!(owners_of(&stack, &x).await?.is_empty());
+
+    // A pin through `/v1/batches` is a reference a Pinning Service API delete respects:
+    // B pins y through the batch API, A through `/pins`, and A deletes its request.
+    run_batch(&stack, &b, pin(&y, "b-y")).await?;
+    let (code, v) = call(&stack, &a, Method::POST, "/pins", Some(json!({"cid": y}))).await?;
+    assert_eq!(code, 202, "{v}");
+    let request = v["requestid"].as_str().unwrap_or_default().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, v) = call(&stack, &a, Method::GET, &format!("/pins/{request}"), None).await?;
+        if v["status"] == "pinned" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "request never pinned: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(owners_of(&stack, &y).await?, ["tenant-a", "tenant-b"]);
+    let unpins_before: (i64,) =
+        sqlx::query_as("SELECT count(*) FROM jobs WHERE op = 'unpin' AND state = 'succeeded'")
+            .fetch_one(&stack.db.pool)
+            .await?;
     let (code, v) = call(
         &stack,
         &a,
-        Method::POST,
-        "/v1/batches",
-        Some(json!({"ops": [{"op": "unpin", "cid": x}]})),
+        Method::DELETE,
+        &format!("/pins/{request}"),
+        None,
     )
     .await?;
     assert_eq!(code, 202, "{v}");
-    let unpin: uuid::Uuid = v["id"].as_str().unwrap_or_default().parse()?;
-    stack.wait_done(unpin, Duration::from_secs(60)).await?;
-    assert!(stack.ipfs().pins().await?.is_empty());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let unpins: (i64,) =
+            sqlx::query_as("SELECT count(*) FROM jobs WHERE op = 'unpin' AND state = 'succeeded'")
+                .fetch_one(&stack.db.pool)
+                .await?;
+        if unpins.0 == unpins_before.0 + 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the delete's unpin never ran");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(on_node(&stack, &y).await?, "B's pin survives A's delete");
+    assert_eq!(owners_of(&stack, &y).await?, ["tenant-b"]);
+
+    // An admin's unpin removes the pin for every owner.
+    run_batch(&stack, &a, pin(&z, "a-z")).await?;
+    run_batch(&stack, &b, pin(&z, "b-z")).await?;
+    run_batch(&stack, TOKEN, unpin(&z)).await?;
+    assert!(!on_node(&stack, &z).await?);
+    assert!(owners_of(&stack, &z).await?.is_empty());
     Ok(())
 }

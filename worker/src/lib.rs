@@ -716,16 +716,18 @@ async fn execute(
         status: 400,
         message: format!("unknown op '{}'", job.op),
     })?;
-    match op {
-        Op::Pin => client.pin_add(&job.cid, timeout).await,
-        Op::Unpin => client.pin_rm(&job.cid, timeout).await,
-        Op::Replace => {
-            client.pin_add(&job.cid, timeout).await?;
-            match &job.replaces_cid {
-                Some(old) if old != &job.cid => client.pin_rm(old, timeout).await,
-                _ => Ok(()),
-            }
+    if op != Op::Unpin {
+        client.pin_add(&job.cid, timeout).await?;
+    }
+    // An unpin takes away this owner's reference; the node unpins only what no other
+    // owner still holds.
+    match job.removes() {
+        Some(old) if job.unpins_on_node() => client.pin_rm(old, timeout).await,
+        Some(old) => {
+            tracing::debug!(job_id = %job.id, cid = %old, "other owners still hold this pin; only this owner's reference is removed");
+            Ok(())
         }
+        None => Ok(()),
     }
 }
 
