@@ -8,5 +8,5 @@ attempts AS (INSERT INTO job_attempts (job_id, attempt, worker_id, started_at, f
              ON CONFLICT (job_id, attempt) DO UPDATE SET finished_at = EXCLUDED.finished_at, outcome = EXCLUDED.outcome, error = NULL),
 upserts AS (INSERT INTO pins (backend_id, cid, owner, name, job_id, status, pinned_at, verified_at)
             SELECT backend_id, cid, owner, name, id, 'pinned', now(), now() FROM done ORDER BY backend_id, cid
-            ON CONFLICT (backend_id, cid) DO UPDATE SET status = 'pinned', verified_at = now(), updated_at = now())
+            ON CONFLICT (backend_id, cid) DO UPDATE SET others = CASE WHEN pins.owner IS NULL OR pins.owner = EXCLUDED.owner OR EXCLUDED.owner = ANY (pins.others) THEN pins.others ELSE array_append(pins.others, EXCLUDED.owner) END, status = 'pinned', verified_at = now(), updated_at = now())
 SELECT count(*) FROM done;

@@ -5,5 +5,5 @@ done AS (UPDATE jobs j SET state = 'succeeded', lease_owner = NULL, last_error =
          FROM locked WHERE j.id = locked.id RETURNING j.id, j.attempt, j.started_at, j.backend_id, j.cid, j.owner, j.name),
 upserts AS (INSERT INTO pins (backend_id, cid, owner, name, job_id, status, pinned_at, verified_at)
             SELECT backend_id, cid, owner, name, id, 'pinned', now(), now() FROM done ORDER BY backend_id, cid
-            ON CONFLICT (backend_id, cid) DO UPDATE SET status = 'pinned', verified_at = now(), updated_at = now())
+            ON CONFLICT (backend_id, cid) DO UPDATE SET others = CASE WHEN pins.owner IS NULL OR pins.owner = EXCLUDED.owner OR EXCLUDED.owner = ANY (pins.others) THEN pins.others ELSE array_append(pins.others, EXCLUDED.owner) END, status = 'pinned', verified_at = now(), updated_at = now())
 SELECT count(*) FROM done;

@@ -390,7 +390,7 @@ pub async fn pins_not_owned_by(
         "SELECT p.backend_id, p.cid FROM pins p
          JOIN UNNEST($1::uuid[], $2::text[]) AS t(backend_id, cid)
            ON p.backend_id = t.backend_id AND p.cid = t.cid
-         WHERE NOT $3 = ANY (p.owners)",
+         WHERE p.owner IS DISTINCT FROM $3 AND NOT coalesce($3 = ANY (p.others), false)",
     )
     .bind(&backends)
     .bind(&cids)
@@ -536,7 +536,8 @@ pub async fn claim_jobs(
                                 WHERE p.backend_id = j.backend_id
                                   AND p.cid = CASE WHEN j.op = 'unpin' THEN j.cid_key
                                                    ELSE j.replaces_key END
-                                  AND NOT p.owners <@ ARRAY[j.owner])
+                                  AND (p.owner <> j.owner
+                                       OR array_remove(p.others, j.owner) <> '{}'))
                        END AS others_hold
          )
          SELECT * FROM c",
@@ -925,26 +926,23 @@ impl PinWrites {
     /// The upsert, over parameters $1–$5; `{done}` is where a caller may join the rows
     /// that really were written. A pin adds its owner's reference. The row's `owner`,
     /// `name` and `job_id` are those of its first live reference: another owner's pin of
-    /// the same content adds a reference and leaves them (a pin found outside pinq,
+    /// the same content joins `others` and leaves them (a pin found outside pinq,
     /// `unmanaged`, has no reference and is taken over).
-    const UPSERT: &str = "INSERT INTO pins (backend_id, cid, owner, owners, name, job_id, status,
-                          pinned_at, verified_at)
-         SELECT t.backend_id, t.cid, t.owner, ARRAY[t.owner], t.name, t.job_id, 'pinned',
-                now(), now()
+    const UPSERT: &str =
+        "INSERT INTO pins (backend_id, cid, owner, name, job_id, status, pinned_at, verified_at)
+         SELECT t.backend_id, t.cid, t.owner, t.name, t.job_id, 'pinned', now(), now()
          FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::uuid[])
               AS t(backend_id, cid, owner, name, job_id)
          {done}
          ORDER BY t.backend_id, t.cid
          ON CONFLICT (backend_id, cid) DO UPDATE
-         SET owners = CASE WHEN EXCLUDED.owner = ANY (pins.owners) THEN pins.owners
-                           ELSE pins.owners || EXCLUDED.owner END,
-             owner = CASE WHEN pins.owners = '{}' OR pins.owner IS NULL
-                          THEN EXCLUDED.owner ELSE pins.owner END,
-             name = CASE WHEN pins.owners = '{}' OR pins.owner IS NULL
-                              OR pins.owner = EXCLUDED.owner
+         SET others = CASE WHEN pins.owner IS NULL OR pins.owner = EXCLUDED.owner
+                                OR EXCLUDED.owner = ANY (pins.others)
+                           THEN pins.others ELSE array_append(pins.others, EXCLUDED.owner) END,
+             owner = coalesce(pins.owner, EXCLUDED.owner),
+             name = CASE WHEN pins.owner IS NULL OR pins.owner = EXCLUDED.owner
                          THEN EXCLUDED.name ELSE pins.name END,
-             job_id = CASE WHEN pins.owners = '{}' OR pins.owner IS NULL
-                                OR pins.owner = EXCLUDED.owner
+             job_id = CASE WHEN pins.owner IS NULL OR pins.owner = EXCLUDED.owner
                            THEN EXCLUDED.job_id ELSE pins.job_id END,
              status = 'pinned', verified_at = now(), updated_at = now(),
              pinned_at = CASE WHEN pins.status = 'pinned' THEN pins.pinned_at ELSE now() END";
@@ -959,12 +957,12 @@ impl PinWrites {
         let (b, c, j, o, k) = (first, first + 1, first + 2, first + 3, first + 4);
         format!(
             "UPDATE pins p
-             SET owners = array_remove(p.owners, t.owner),
-                 owner = CASE WHEN p.owner = t.owner
-                              THEN (array_remove(p.owners, t.owner))[1] ELSE p.owner END,
+             SET owner = CASE WHEN p.owner = t.owner THEN p.others[1] ELSE p.owner END,
+                 others = nullif(CASE WHEN p.owner = t.owner THEN p.others[2:]
+                                      ELSE array_remove(p.others, t.owner) END, '{{}}'),
                  name = CASE WHEN p.owner = t.owner THEN NULL ELSE p.name END,
                  job_id = CASE WHEN p.owner = t.owner THEN NULL ELSE p.job_id END,
-                 status = CASE WHEN array_remove(p.owners, t.owner) = '{{}}'
+                 status = CASE WHEN p.owner = t.owner AND p.others IS NULL
                                THEN 'unmanaged' ELSE p.status END,
                  updated_at = now()
              FROM UNNEST(${b}::uuid[], ${c}::text[], ${j}::uuid[], ${o}::text[], ${k}::bool[])

@@ -226,12 +226,14 @@ pub async fn list_pins(pool: &PgPool, f: &PinFilter) -> Result<Vec<PinRow>, sqlx
     sqlx::query_as(
         "SELECT b.name AS backend, p.cid,
                 CASE WHEN $1::text IS NULL THEN p.owner ELSE $1 END AS owner,
-                CASE WHEN $1::text IS NULL THEN p.owners ELSE ARRAY[$1] END AS owners,
+                CASE WHEN $1::text IS NOT NULL THEN ARRAY[$1]
+                     WHEN p.owner IS NULL THEN '{}'
+                     ELSE ARRAY[p.owner] || coalesce(p.others, '{}') END AS owners,
                 CASE WHEN $1::text IS NULL OR p.owner = $1 THEN p.name END AS name,
                 CASE WHEN $1::text IS NULL OR p.owner = $1 THEN p.job_id END AS job_id,
                 p.status, p.pinned_at, p.verified_at, p.updated_at
          FROM pins p JOIN backends b ON b.id = p.backend_id
-         WHERE ($1::text IS NULL OR $1 = ANY (p.owners))
+         WHERE ($1::text IS NULL OR p.owner = $1 OR $1 = ANY (p.others))
            AND ($2::text IS NULL OR b.name = $2)
            AND ($3::text IS NULL OR p.cid = $3)
            AND ($4::text IS NULL OR p.status = $4)

@@ -264,7 +264,8 @@ type Refs = (
 
 async fn refs(db: &TestDb, backend: Uuid, cid: &str) -> anyhow::Result<Option<Refs>> {
     Ok(sqlx::query_as(
-        "SELECT owner, owners, name, job_id, status FROM pins WHERE backend_id = $1 AND cid = $2",
+        "SELECT owner, array_remove(ARRAY[owner] || coalesce(others, '{}'), NULL), name, job_id, status
+         FROM pins WHERE backend_id = $1 AND cid = $2",
     )
     .bind(backend)
     .bind(canonical_of(cid).expect("valid CID"))

@@ -336,10 +336,12 @@ async fn run_batch(stack: &Stack, token: &str, body: Value) -> anyhow::Result<()
 /// The owners holding a reference to `cid` in the pin index, sorted (empty: no row).
 async fn owners_of(stack: &Stack, cid: &str) -> anyhow::Result<Vec<String>> {
     let key = pinq_core::cid::canonical_of(cid).expect("valid CID");
-    let row: Option<(Vec<String>,)> = sqlx::query_as("SELECT owners FROM pins WHERE cid = $1")
-        .bind(key)
-        .fetch_optional(&stack.db.pool)
-        .await?;
+    let row: Option<(Vec<String>,)> = sqlx::query_as(
+        "SELECT array_remove(ARRAY[owner] || coalesce(others, '{}'), NULL) FROM pins WHERE cid = $1",
+    )
+    .bind(key)
+    .fetch_optional(&stack.db.pool)
+    .await?;
     let mut owners = row.map(|r| r.0).unwrap_or_default();
     owners.sort();
     Ok(owners)
