@@ -11,16 +11,46 @@
 -- before. A pin adds its owner; an unpin removes its owner's reference, and calls the
 -- node only when no other owner holds one (the worker reads that when it claims the job;
 -- jobs on one CID and backend run one at a time, so it cannot change while the job runs).
--- (A list of every owner written with each new pin measured the same: the success
--- statement replayed with pgbench and the end-to-end benchmark could not tell either from
--- the schema before, within their noise; docs/performance.md.)
 ALTER TABLE pins ADD COLUMN others text[];
+
+-- The references the old index did not record, so that no unpin after this migration
+-- removes content another tenant still holds: the owners of live Pinning Service API
+-- requests for the CID on the backend (their deletes used to count every tenant's
+-- requests; they now count only their own owner's), and the owners of retained
+-- successful pins and replaces of it with no later successful unpin of theirs. Counting
+-- one too many only keeps the content pinned longer.
+UPDATE pins p
+SET others = nullif(array_remove(s.holders, p.owner), '{}')
+FROM (
+    SELECT backend_id, cid, array_agg(DISTINCT holder ORDER BY holder) AS holders
+    FROM (
+        SELECT x.backend_id, x.cid, r.owner AS holder
+        FROM pins x
+        JOIN backends b ON b.id = x.backend_id
+        JOIN pin_requests r ON r.cid_canonical = x.cid AND b.name = ANY (r.backends)
+        WHERE r.deleted_at IS NULL
+        UNION ALL
+        SELECT x.backend_id, x.cid, j.owner
+        FROM pins x
+        JOIN jobs j ON j.backend_id = x.backend_id AND j.cid_key = x.cid
+        WHERE j.op IN ('pin', 'replace') AND j.state = 'succeeded'
+          AND NOT EXISTS (
+              SELECT 1 FROM jobs u
+              WHERE u.backend_id = j.backend_id AND u.owner = j.owner
+                AND u.state = 'succeeded' AND u.submit_seq > j.submit_seq
+                AND ((u.op = 'unpin' AND u.cid_key = x.cid)
+                     OR (u.op = 'replace' AND u.replaces_key = x.cid)))
+    ) refs
+    GROUP BY backend_id, cid
+) s
+WHERE p.backend_id = s.backend_id AND p.cid = s.cid AND p.owner IS NOT NULL;
 
 -- An unpin (or a replace's unpin of the old CID) that removes the pin for every owner,
 -- not only its own owner's reference: an admin's. Set at submission, read by the claim.
 -- No index names it, so claims and successes still update rows in place.
 ALTER TABLE jobs ADD COLUMN unpin_all boolean NOT NULL DEFAULT false;
--- Unpins submitted before this migration and not yet run keep the meaning they were
--- submitted with: every unpin then removed the pin for everyone.
+-- Unpins submitted before this migration that may still run (failed ones can be
+-- re-driven) keep the meaning they were submitted with: every unpin then removed the pin
+-- for everyone.
 UPDATE jobs SET unpin_all = true
-WHERE op <> 'pin' AND state IN ('queued', 'running', 'retry_wait');
+WHERE op <> 'pin' AND state IN ('queued', 'running', 'retry_wait', 'failed');

@@ -427,9 +427,10 @@ pub struct ClaimedJob {
     /// See [`NewJob::unpin_all`].
     pub unpin_all: bool,
     /// For an unpin or a replace: another owner holds a reference to the pin this job
-    /// removes, so the node keeps it and only this owner's reference goes. Read when the
-    /// job was claimed; jobs on one CID and backend run one at a time, so no other job
-    /// changes the pin's references while this one runs.
+    /// removes (or the pin was made outside pinq), so the node keeps it and only this
+    /// owner's reference goes. Read when the job was claimed; jobs on one CID and backend
+    /// run one at a time, so no other job changes the pin's references while this one
+    /// runs.
     pub others_hold: bool,
 }
 
@@ -528,15 +529,17 @@ pub async fn claim_jobs(
                        j.name, j.priority, j.attempt, j.max_attempts, j.backoff_base_ms,
                        j.backoff_factor, j.backoff_max_ms, j.started_at, j.claim_id,
                        j.unpin_all,
-                       -- Whether an owner other than this job's holds the pin it removes
-                       -- (a pin's jobs never look: CASE evaluates only the branch taken).
+                       -- Whether anyone but this job's owner holds the pin it removes:
+                       -- another owner, or nobody in pinq (a pin made outside it,
+                       -- `unmanaged`). A pin's jobs never look: CASE evaluates only the
+                       -- branch taken.
                        CASE WHEN j.op = 'pin' OR j.unpin_all THEN false
                             ELSE EXISTS (
                                 SELECT 1 FROM pins p
                                 WHERE p.backend_id = j.backend_id
                                   AND p.cid = CASE WHEN j.op = 'unpin' THEN j.cid_key
                                                    ELSE j.replaces_key END
-                                  AND (p.owner <> j.owner
+                                  AND (p.owner IS DISTINCT FROM j.owner
                                        OR array_remove(p.others, j.owner) <> '{}'))
                        END AS others_hold
          )
@@ -1027,17 +1030,20 @@ async fn apply_pin_changes(
             .execute(&mut *conn)
             .await?;
     }
-    if !w.del_jobs.is_empty() {
-        for sql in [PinWrites::release_sql(1, ""), PinWrites::delete_sql(1, "")] {
-            sqlx::query(AssertSqlSafe(sql))
-                .bind(&w.del_backends)
-                .bind(&w.del_cids)
-                .bind(&w.del_jobs)
-                .bind(&w.del_owners)
-                .bind(&w.del_kept)
-                .execute(&mut *conn)
-                .await?;
-        }
+    let kept = w.del_kept.iter().filter(|k| **k).count();
+    let statements = [
+        (kept > 0).then(|| PinWrites::release_sql(1, "")),
+        (kept < w.del_kept.len()).then(|| PinWrites::delete_sql(1, "")),
+    ];
+    for sql in statements.into_iter().flatten() {
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(&w.del_backends)
+            .bind(&w.del_cids)
+            .bind(&w.del_jobs)
+            .bind(&w.del_owners)
+            .bind(&w.del_kept)
+            .execute(&mut *conn)
+            .await?;
     }
     Ok(())
 }

@@ -223,8 +223,10 @@ pub struct PinRequestRow {
 const ROW_SELECT: &str = "p.id, p.owner, p.cid, p.name, p.origins, p.meta, p.created, p.batch_id,
     p.backends,
     coalesce(psa_status_of_batch(p.batch_id),
-             CASE WHEN EXISTS (SELECT 1 FROM pins x
-                               WHERE x.cid = p.cid_canonical AND x.status = 'pinned')
+             CASE WHEN EXISTS (SELECT 1 FROM pins x JOIN backends b ON b.id = x.backend_id
+                               WHERE x.cid = p.cid_canonical AND x.status = 'pinned'
+                                 AND b.name = ANY (p.backends)
+                                 AND (x.owner = p.owner OR p.owner = ANY (x.others)))
                   THEN 'pinned' ELSE 'failed' END) AS status,
     (SELECT j.last_error FROM jobs j
      WHERE j.batch_id = p.batch_id AND j.last_error IS NOT NULL

@@ -100,6 +100,16 @@ impl TestDb {
     /// A database on another server, e.g. a private instance a fault test restarts.
     /// `server` is a URL without a database name: `postgres://postgres@127.0.0.1:PORT`.
     pub async fn create_on(server: &str) -> anyhow::Result<TestDb> {
+        Self::create_with(server, None).await
+    }
+
+    /// A database migrated only up to `version` (inclusive), to test a later migration on
+    /// data of the schema before it; `MIGRATOR.run` then applies the rest.
+    pub async fn create_migrated_to(version: i64) -> anyhow::Result<TestDb> {
+        Self::create_with(&pg_admin_url(), Some(version)).await
+    }
+
+    async fn create_with(server: &str, version: Option<i64>) -> anyhow::Result<TestDb> {
         let name = format!("pinq_e2e_{}", Uuid::new_v4().simple());
         let url = format!("{server}/{name}");
         pinq_core::db::ensure_database(&url)
@@ -109,7 +119,10 @@ impl TestDb {
             .max_connections(4)
             .connect(&url)
             .await?;
-        pinq_core::db::MIGRATOR.run(&pool).await?;
+        match version {
+            None => pinq_core::db::MIGRATOR.run(&pool).await?,
+            Some(v) => pinq_core::db::MIGRATOR.run_to(v, &pool).await?,
+        }
         Ok(TestDb {
             name,
             url,

@@ -213,6 +213,19 @@ async fn a_group_of_successes_writes_only_what_its_lease_still_covers() -> anyho
     Ok(())
 }
 
+/// Alice's group of two jobs stored before keys were canonical, on one pin: an unpin of
+/// its v1 spelling, then a pin of V0. Returns their ids; both are written.
+async fn unpin_then_pin(db: &TestDb, worker: Uuid, backend: Uuid) -> anyhow::Result<Vec<Uuid>> {
+    let v1 = canonical_of(V0).expect("valid CID");
+    let jobs = vec![
+        legacy_job(backend, 0, Op::Unpin, &v1),
+        legacy_job(backend, 1, Op::Pin, V0),
+    ];
+    let (ids, written) = run_as_one_group(db, worker, jobs).await?;
+    assert_eq!(written, ids);
+    Ok(ids)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn successes_that_touch_one_pin_are_applied_in_order() -> anyhow::Result<()> {
     let db = TestDb::create().await?;
@@ -235,21 +248,28 @@ async fn successes_that_touch_one_pin_are_applied_in_order() -> anyhow::Result<(
     assert_eq!(pin_row(&db, backend.id, V0).await?, None);
 
     // Unpin then pin: the pin wins.
-    let (ids, written) = run_as_one_group(
-        &db,
-        worker,
-        vec![
-            legacy_job(backend.id, 0, Op::Unpin, &v1),
-            legacy_job(backend.id, 1, Op::Pin, V0),
-        ],
-    )
-    .await?;
-    assert_eq!(written, ids);
+    let ids = unpin_then_pin(&db, worker, backend.id).await?;
     assert_eq!(
         pin_row(&db, backend.id, V0).await?,
         Some(("alice".into(), ids[1]))
     );
     assert_eq!(db.count("job_attempts").await, 4);
+
+    // Bob pins it too. Then Alice's group unpins (the v1 spelling) and pins again (V0),
+    // one job at a time: her reference is released while Bob's keeps the row and takes
+    // its place, then hers is added back.
+    run_as(&db, "bob", worker, vec![job(backend.id, 0, Op::Pin, V0)]).await?;
+    unpin_then_pin(&db, worker, backend.id).await?;
+    assert_eq!(
+        refs(&db, backend.id, V0).await?,
+        Some((
+            Some("bob".into()),
+            vec!["bob".to_owned(), "alice".to_owned()],
+            None,
+            None,
+            "pinned".into()
+        ))
+    );
     Ok(())
 }
 
@@ -372,6 +392,14 @@ async fn each_owner_holds_its_own_reference_to_a_pin() -> anyhow::Result<()> {
         .bind(canonical_of(&d).expect("valid CID"))
         .execute(&db.pool)
         .await?;
+    // Nobody in pinq holds it: an unpin leaves it on the node (a user token's is refused
+    // at submission; this one is a Pinning Service API delete's whose pin had failed).
+    let outside = run_as(&db, "alice", worker, vec![job(b, 0, Op::Unpin, &d)]).await?;
+    assert!(outside[0].others_hold && !outside[0].unpins_on_node());
+    assert_eq!(
+        refs(&db, b, &d).await?,
+        Some((None, vec![], None, None, "unmanaged".into()))
+    );
     let took = run_as(&db, "bob", worker, vec![job(b, 0, Op::Pin, &d)]).await?;
     assert_eq!(
         refs(&db, b, &d).await?,
@@ -582,5 +610,140 @@ async fn the_unblocked_scan_reads_one_page_of_parked_jobs_a_pass() -> anyhow::Re
     assert_eq!(end(vec![order[3].0]).await?.len(), 1);
     let (_, got) = page(order[29].0).await?;
     assert_eq!(got, vec![order[3].1]);
+    Ok(())
+}
+
+/// The `pin_owners` migration, on data of the schema before it: the references the old
+/// index did not record become `others`, and unpins that may still run keep removing the
+/// pin for everyone, as they did when they were submitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pin_owners_migration_records_the_holders_the_old_index_missed() -> anyhow::Result<()> {
+    let db = TestDb::create_migrated_to(20261127000008).await?;
+    let backend = db::insert_backend(&db.pool, "b", "kubo", "http://127.0.0.1:9").await?;
+    let b = backend.id;
+    let (x, y, u) = (random_cid(), random_cid(), random_cid());
+    let key = |c: &str| canonical_of(c).expect("valid CID");
+    for (cid, owner, status) in [
+        (&x, Some("alice"), "pinned"),
+        (&y, Some("alice"), "pinned"),
+        (&u, None, "unmanaged"),
+    ] {
+        sqlx::query("INSERT INTO pins (backend_id, cid, owner, status) VALUES ($1, $2, $3, $4)")
+            .bind(b)
+            .bind(key(cid))
+            .bind(owner)
+            .bind(status)
+            .execute(&db.pool)
+            .await?;
+    }
+    // Live requests: Carol's and Alice's own for x on b count, Frank's deleted one and
+    // Gina's on another backend do not; Carol's for the unmanaged u does not either.
+    for (owner, cid, backends, deleted) in [
+        ("carol", &x, vec!["b"], false),
+        ("alice", &x, vec!["b"], false),
+        ("frank", &x, vec!["b"], true),
+        ("gina", &x, vec!["other"], false),
+        ("carol", &u, vec!["b"], false),
+    ] {
+        sqlx::query(
+            "INSERT INTO pin_requests (id, owner, cid, cid_canonical, batch_id, backends,
+                                       deleted_at)
+             VALUES ($1, $2, $3, $4, $5, $6, CASE WHEN $7 THEN now() END)",
+        )
+        .bind(Uuid::now_v7())
+        .bind(owner)
+        .bind(cid)
+        .bind(key(cid))
+        .bind(Uuid::now_v7())
+        .bind(backends)
+        .bind(deleted)
+        .execute(&db.pool)
+        .await?;
+    }
+    let batch = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO batches (id, owner, priority, backends, retry, job_count)
+         VALUES ($1, 'mixed', 5, ARRAY['b'], '{}', 0)",
+    )
+    .bind(batch)
+    .execute(&db.pool)
+    .await?;
+    // One statement a job, so that `submit_seq` follows this order.
+    let mut ids = std::collections::HashMap::new();
+    for (n, (owner, op, cid, replaces, state)) in [
+        ("bob", "pin", &x, None, "succeeded"),
+        ("dave", "pin", &x, None, "succeeded"),
+        ("dave", "unpin", &x, None, "succeeded"),
+        ("erin", "replace", &x, Some(&y), "succeeded"),
+        ("hank", "pin", &x, None, "succeeded"),
+        ("hank", "replace", &y, Some(&x), "succeeded"),
+        ("ivan", "pin", &x, None, "failed"),
+        ("jo", "unpin", &y, None, "queued"),
+        ("jo", "unpin", &u, None, "failed"),
+        ("jo", "replace", &u, Some(&y), "retry_wait"),
+        ("jo", "pin", &u, None, "queued"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let id = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO jobs (id, batch_id, seq, owner, backend_id, op, cid, replaces_cid,
+                               priority, state, max_attempts, backoff_base_ms, backoff_factor,
+                               backoff_max_ms, cid_key, replaces_key)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 5, $9, 3, 100, 2, 1000, $10, $11)",
+        )
+        .bind(id)
+        .bind(batch)
+        .bind(n as i32)
+        .bind(owner)
+        .bind(b)
+        .bind(op)
+        .bind(cid)
+        .bind(replaces)
+        .bind(state)
+        .bind(key(cid))
+        .bind(replaces.map(|r| key(r)))
+        .execute(&db.pool)
+        .await?;
+        ids.insert(n, id);
+    }
+
+    db::MIGRATOR.run(&db.pool).await?;
+
+    let others = |cid: &str| {
+        let k = key(cid);
+        let pool = db.pool.clone();
+        async move {
+            let (owner, others): (Option<String>, Option<Vec<String>>) =
+                sqlx::query_as("SELECT owner, others FROM pins WHERE backend_id = $1 AND cid = $2")
+                    .bind(b)
+                    .bind(k)
+                    .fetch_one(&pool)
+                    .await?;
+            anyhow::Ok((owner, others))
+        }
+    };
+    // Bob and Erin pinned x and never unpinned it; Dave and Hank did; Ivan's pin failed.
+    assert_eq!(
+        others(&x).await?,
+        (
+            Some("alice".into()),
+            Some(vec!["bob".into(), "carol".into(), "erin".into()])
+        )
+    );
+    // Hank's replace moved his reference from x to y.
+    assert_eq!(
+        others(&y).await?,
+        (Some("alice".into()), Some(vec!["hank".into()]))
+    );
+    assert_eq!(others(&u).await?, (None, None));
+    let all: Vec<(Uuid, bool)> = sqlx::query_as("SELECT id, unpin_all FROM jobs")
+        .fetch_all(&db.pool)
+        .await?;
+    let all: std::collections::HashMap<Uuid, bool> = all.into_iter().collect();
+    let flagged: Vec<usize> = (0..ids.len()).filter(|n| all[&ids[n]]).collect();
+    // The queued and failed unpins and the waiting replace; not the finished ones, nor pins.
+    assert_eq!(flagged, [7, 8, 9]);
     Ok(())
 }

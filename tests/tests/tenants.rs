@@ -352,6 +352,59 @@ async fn on_node(stack: &Stack, cid: &str) -> anyhow::Result<bool> {
     Ok(stack.ipfs().pins().await?.contains(&key))
 }
 
+/// Adds a `/pins` request for `cid` and waits until it is pinned; returns its id.
+async fn psa_add(stack: &Stack, token: &str, cid: &str) -> anyhow::Result<String> {
+    let (code, v) = call(
+        stack,
+        token,
+        Method::POST,
+        "/pins",
+        Some(json!({"cid": cid})),
+    )
+    .await?;
+    anyhow::ensure!(code == 202, "add answered {code}: {v}");
+    let id = v["requestid"].as_str().unwrap_or_default().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, v) = call(stack, token, Method::GET, &format!("/pins/{id}"), None).await?;
+        if v["status"] == "pinned" {
+            return Ok(id);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "request never pinned: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Deletes a `/pins` request and waits until every job has ended; returns how many unpin
+/// jobs the delete wrote (all of them succeeded).
+async fn psa_delete(stack: &Stack, token: &str, id: &str) -> anyhow::Result<i64> {
+    let unpins = || async {
+        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM jobs WHERE op = 'unpin'")
+            .fetch_one(&stack.db.pool)
+            .await?;
+        anyhow::Ok(n)
+    };
+    let before = unpins().await?;
+    let (code, v) = call(stack, token, Method::DELETE, &format!("/pins/{id}"), None).await?;
+    anyhow::ensure!(code == 202, "delete answered {code}: {v}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (active, failed): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE state IN ('queued', 'running', 'retry_wait')),
+                    count(*) FILTER (WHERE op = 'unpin' AND state <> 'succeeded')
+             FROM jobs",
+        )
+        .fetch_one(&stack.db.pool)
+        .await?;
+        if active == 0 {
+            anyhow::ensure!(failed == 0, "an unpin did not succeed");
+            return Ok(unpins().await? - before);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{active} jobs never ended");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenants_pinning_one_cid_each_hold_a_reference() -> anyhow::Result<()> {
     let stack = Stack::full(1).await?;
@@ -417,46 +470,42 @@ async fn tenants_pinning_one_cid_each_hold_a_reference() -> anyhow::Result<()> {
     // A pin through `/v1/batches` is a reference a Pinning Service API delete respects:
     // B pins y through the batch API, A through `/pins`, and A deletes its request.
     run_batch(&stack, &b, pin(&y, "b-y")).await?;
-    let (code, v) = call(&stack, &a, Method::POST, "/pins", Some(json!({"cid": y}))).await?;
-    assert_eq!(code, 202, "{v}");
-    let request = v["requestid"].as_str().unwrap_or_default().to_owned();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, v) = call(&stack, &a, Method::GET, &format!("/pins/{request}"), None).await?;
-        if v["status"] == "pinned" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "request never pinned: {v}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let request = psa_add(&stack, &a, &y).await?;
     assert_eq!(owners_of(&stack, &y).await?, ["tenant-a", "tenant-b"]);
-    let unpins_before: (i64,) =
-        sqlx::query_as("SELECT count(*) FROM jobs WHERE op = 'unpin' AND state = 'succeeded'")
-            .fetch_one(&stack.db.pool)
-            .await?;
-    let (code, v) = call(
-        &stack,
-        &a,
-        Method::DELETE,
-        &format!("/pins/{request}"),
-        None,
-    )
-    .await?;
-    assert_eq!(code, 202, "{v}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let unpins: (i64,) =
-            sqlx::query_as("SELECT count(*) FROM jobs WHERE op = 'unpin' AND state = 'succeeded'")
-                .fetch_one(&stack.db.pool)
-                .await?;
-        if unpins.0 == unpins_before.0 + 1 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the delete's unpin never ran");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    assert_eq!(
+        psa_delete(&stack, &a, &request).await?,
+        1,
+        "A's reference goes"
+    );
     assert!(on_node(&stack, &y).await?, "B's pin survives A's delete");
     assert_eq!(owners_of(&stack, &y).await?, ["tenant-b"]);
+
+    // Through `/pins` alone: A holds w by two requests, B by one. A's first delete keeps
+    // A's reference (its other request holds w), its second removes it and the node keeps
+    // w for B, and B's delete unpins it.
+    let w = stack
+        .ipfs()
+        .add_unpinned(&unique_contents(1))
+        .await?
+        .remove(0);
+    let (a1, a2, b1) = (
+        psa_add(&stack, &a, &w).await?,
+        psa_add(&stack, &a, &w).await?,
+        psa_add(&stack, &b, &w).await?,
+    );
+    assert_eq!(owners_of(&stack, &w).await?, ["tenant-a", "tenant-b"]);
+    assert_eq!(
+        psa_delete(&stack, &a, &a1).await?,
+        0,
+        "held by A's other request"
+    );
+    assert_eq!(owners_of(&stack, &w).await?, ["tenant-a", "tenant-b"]);
+    assert_eq!(psa_delete(&stack, &a, &a2).await?, 1);
+    assert!(on_node(&stack, &w).await?, "B's request still holds w");
+    assert_eq!(owners_of(&stack, &w).await?, ["tenant-b"]);
+    assert_eq!(psa_delete(&stack, &b, &b1).await?, 1);
+    assert!(!on_node(&stack, &w).await?);
+    assert!(owners_of(&stack, &w).await?.is_empty());
 
     // An admin's unpin removes the pin for every owner.
     run_batch(&stack, &a, pin(&z, "a-z")).await?;
