@@ -454,6 +454,12 @@ impl ClaimedJob {
         self.removes().is_some() && !self.others_hold
     }
 
+    /// Whether the job calls its backend at all: not an unpin that only removes its
+    /// owner's reference.
+    pub fn calls_node(&self) -> bool {
+        self.op != "unpin" || self.unpins_on_node()
+    }
+
     pub fn retry_policy(&self) -> RetryPolicy {
         RetryPolicy {
             max_attempts: self.max_attempts.max(1) as u32,

@@ -433,9 +433,10 @@ async fn run_job(
     slot: Option<OwnedSemaphorePermit>,
 ) {
     // A backend the health checks hold down is not called: the job waits without spending
-    // an attempt, and the worker moves on to jobs for healthy backends.
+    // an attempt, and the worker moves on to jobs for healthy backends. (An unpin that only
+    // removes its owner's reference does not call it, and goes on.)
     let backend = match backend(ctx, job.backend_id).await {
-        Ok(b) if b.status == "down" => {
+        Ok(b) if b.status == "down" && job.calls_node() => {
             tracing::info!(job_id = %job.id, backend = %b.name, "backend is down; job deferred");
             let run_at =
                 Utc::now() + chrono::Duration::from_std(DOWN_BACKEND_DEFER).unwrap_or_default();
@@ -703,6 +704,12 @@ async fn execute(
     job: &ClaimedJob,
     backend: Result<Backend, BackendError>,
 ) -> Result<(), BackendError> {
+    // An unpin takes away this owner's reference; the node unpins only what no other
+    // owner (or nobody in pinq) still holds.
+    if !job.calls_node() {
+        tracing::debug!(job_id = %job.id, cid = %job.cid, "others still hold this pin; only this owner's reference is removed");
+        return Ok(());
+    }
     let backend = backend?;
     if !backend.enabled {
         return Err(BackendError::Transient {
@@ -719,12 +726,10 @@ async fn execute(
     if op != Op::Unpin {
         client.pin_add(&job.cid, timeout).await?;
     }
-    // An unpin takes away this owner's reference; the node unpins only what no other
-    // owner still holds.
     match job.removes() {
         Some(old) if job.unpins_on_node() => client.pin_rm(old, timeout).await,
         Some(old) => {
-            tracing::debug!(job_id = %job.id, cid = %old, "other owners still hold this pin; only this owner's reference is removed");
+            tracing::debug!(job_id = %job.id, cid = %old, "others still hold the replaced pin; only this owner's reference is removed");
             Ok(())
         }
         None => Ok(()),
