@@ -17,8 +17,9 @@ ALTER TABLE pins ADD COLUMN others text[];
 -- removes content another tenant still holds: the owners of live Pinning Service API
 -- requests for the CID on the backend (their deletes used to count every tenant's
 -- requests; they now count only their own owner's), and the owners of retained
--- successful pins and replaces of it with no later successful unpin of theirs. Counting
--- one too many only keeps the content pinned longer.
+-- successful pins and replaces of it that no successful unpin or replace of it finished
+-- after (until now every such removal unpinned the content from the node, whoever asked
+-- for it). Counting one too many only keeps the content pinned longer.
 UPDATE pins p
 SET others = nullif(array_remove(s.holders, p.owner), '{}')
 FROM (
@@ -36,10 +37,13 @@ FROM (
         WHERE j.op IN ('pin', 'replace') AND j.state = 'succeeded'
           AND NOT EXISTS (
               SELECT 1 FROM jobs u
-              WHERE u.backend_id = j.backend_id AND u.owner = j.owner
-                AND u.state = 'succeeded' AND u.submit_seq > j.submit_seq
-                AND ((u.op = 'unpin' AND u.cid_key = x.cid)
-                     OR (u.op = 'replace' AND u.replaces_key = x.cid)))
+              WHERE u.op = 'unpin' AND u.cid_key = x.cid AND u.backend_id = x.backend_id
+                AND u.state = 'succeeded' AND u.finished_at > j.finished_at)
+          AND NOT EXISTS (
+              SELECT 1 FROM jobs u
+              WHERE u.op = 'replace' AND u.replaces_key = x.cid
+                AND u.backend_id = x.backend_id
+                AND u.state = 'succeeded' AND u.finished_at > j.finished_at)
     ) refs
     GROUP BY backend_id, cid
 ) s
@@ -50,7 +54,14 @@ WHERE p.backend_id = s.backend_id AND p.cid = s.cid AND p.owner IS NOT NULL;
 -- No index names it, so claims and successes still update rows in place.
 ALTER TABLE jobs ADD COLUMN unpin_all boolean NOT NULL DEFAULT false;
 -- Unpins submitted before this migration that may still run (failed ones can be
--- re-driven) keep the meaning they were submitted with: every unpin then removed the pin
--- for everyone.
-UPDATE jobs SET unpin_all = true
-WHERE op <> 'pin' AND state IN ('queued', 'running', 'retry_wait', 'failed');
+-- re-driven), by an owner that holds no reference to what they remove, keep the meaning
+-- they were submitted with: every unpin then removed the pin for everyone. A user token
+-- could unpin only its owner's pins, so these are an admin's (or remove what the index
+-- does not hold). One whose owner holds a reference now removes only that.
+UPDATE jobs j SET unpin_all = true
+WHERE j.op <> 'pin' AND j.state IN ('queued', 'running', 'retry_wait', 'failed')
+  AND NOT EXISTS (
+      SELECT 1 FROM pins p
+      WHERE p.backend_id = j.backend_id
+        AND p.cid = CASE WHEN j.op = 'unpin' THEN j.cid_key ELSE j.replaces_key END
+        AND (p.owner = j.owner OR j.owner = ANY (p.others)));

@@ -617,12 +617,16 @@ async fn the_unblocked_scan_reads_one_page_of_parked_jobs_a_pass() -> anyhow::Re
 
 /// The `pin_owners` migration, on data of the schema before it: the references the old
 /// index did not record become `others`, and unpins that may still run keep removing the
-/// pin for everyone, as they did when they were submitted.
+/// pin for everyone when their owner holds none, as they did when they were submitted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pin_owners_migration_records_the_holders_the_old_index_missed() -> anyhow::Result<()> {
     let db = TestDb::create_migrated_to(20261127000008).await?;
-    let backend = db::insert_backend(&db.pool, "b", "kubo", "http://127.0.0.1:9").await?;
-    let b = backend.id;
+    let b = db::insert_backend(&db.pool, "b", "kubo", "http://127.0.0.1:9")
+        .await?
+        .id;
+    let c = db::insert_backend(&db.pool, "c", "kubo", "http://127.0.0.1:9")
+        .await?
+        .id;
     let (x, y, u) = (random_cid(), random_cid(), random_cid());
     let key = |c: &str| canonical_of(c).expect("valid CID");
     for (cid, owner, status) in [
@@ -638,14 +642,15 @@ async fn the_pin_owners_migration_records_the_holders_the_old_index_missed() -> 
             .execute(&db.pool)
             .await?;
     }
-    // Live requests: Carol's and Alice's own for x on b count, Frank's deleted one and
-    // Gina's on another backend do not; Carol's for the unmanaged u does not either.
+    // Live requests: Carol's for x on b counts; Frank's deleted one and Gina's on another
+    // backend do not, nor Carol's for the unmanaged u; Alice's own are no `others`.
     for (owner, cid, backends, deleted) in [
         ("carol", &x, vec!["b"], false),
         ("alice", &x, vec!["b"], false),
         ("frank", &x, vec!["b"], true),
         ("gina", &x, vec!["other"], false),
         ("carol", &u, vec!["b"], false),
+        ("alice", &y, vec!["b"], false),
     ] {
         sqlx::query(
             "INSERT INTO pin_requests (id, owner, cid, cid_canonical, batch_id, backends,
@@ -670,36 +675,41 @@ async fn the_pin_owners_migration_records_the_holders_the_old_index_missed() -> 
     .bind(batch)
     .execute(&db.pool)
     .await?;
-    // One statement a job, so that `submit_seq` follows this order.
-    let mut ids = std::collections::HashMap::new();
-    for (n, (owner, op, cid, replaces, state)) in [
-        ("bob", "pin", &x, None, "succeeded"),
-        ("dave", "pin", &x, None, "succeeded"),
-        ("dave", "unpin", &x, None, "succeeded"),
-        ("erin", "replace", &x, Some(&y), "succeeded"),
-        ("hank", "pin", &x, None, "succeeded"),
-        ("hank", "replace", &y, Some(&x), "succeeded"),
-        ("ivan", "pin", &x, None, "failed"),
-        ("jo", "unpin", &y, None, "queued"),
-        ("jo", "unpin", &u, None, "failed"),
-        ("jo", "replace", &u, Some(&y), "retry_wait"),
-        ("jo", "pin", &u, None, "queued"),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    // One statement a job, so that `submit_seq` and `finished_at` follow this order.
+    let jobs = [
+        ("dave", "pin", &x, None, "succeeded", b),
+        // Ends Dave's pin (and any other before it): every unpin removed it from the node.
+        ("dave", "unpin", &x, None, "succeeded", b),
+        ("bob", "pin", &x, None, "succeeded", b),
+        ("hank", "pin", &y, None, "succeeded", b),
+        // Erin's replace pins x and ends Hank's pin of y.
+        ("erin", "replace", &x, Some(&y), "succeeded", b),
+        ("ivan", "pin", &x, None, "failed", b),
+        // Neither a failed unpin nor one on another backend ends Bob's or Erin's pin.
+        ("zed", "unpin", &x, None, "failed", b),
+        ("kim", "unpin", &x, None, "succeeded", c),
+        // Pending removals by owners that hold nothing, and by one that does (Bob).
+        ("jo", "unpin", &y, None, "queued", b),
+        ("jo", "unpin", &u, None, "failed", b),
+        ("jo", "replace", &u, Some(&y), "retry_wait", b),
+        ("jo", "pin", &u, None, "queued", b),
+        ("bob", "unpin", &x, None, "queued", b),
+    ];
+    let mut ids = Vec::new();
+    for (n, (owner, op, cid, replaces, state, backend)) in jobs.into_iter().enumerate() {
         let id = Uuid::now_v7();
         sqlx::query(
             "INSERT INTO jobs (id, batch_id, seq, owner, backend_id, op, cid, replaces_cid,
                                priority, state, max_attempts, backoff_base_ms, backoff_factor,
-                               backoff_max_ms, cid_key, replaces_key)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 5, $9, 3, 100, 2, 1000, $10, $11)",
+                               backoff_max_ms, cid_key, replaces_key, finished_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 5, $9, 3, 100, 2, 1000, $10, $11,
+                     CASE WHEN $9 IN ('succeeded', 'failed') THEN clock_timestamp() END)",
         )
         .bind(id)
         .bind(batch)
         .bind(n as i32)
         .bind(owner)
-        .bind(b)
+        .bind(backend)
         .bind(op)
         .bind(cid)
         .bind(replaces)
@@ -708,44 +718,40 @@ async fn the_pin_owners_migration_records_the_holders_the_old_index_missed() -> 
         .bind(replaces.map(|r| key(r)))
         .execute(&db.pool)
         .await?;
-        ids.insert(n, id);
+        ids.push(id);
     }
 
     db::MIGRATOR.run(&db.pool).await?;
 
-    let others = |cid: &str| {
+    let holders = |cid: &str| {
         let k = key(cid);
         let pool = db.pool.clone();
         async move {
-            let (owner, others): (Option<String>, Option<Vec<String>>) =
+            let row: (Option<String>, Option<Vec<String>>) =
                 sqlx::query_as("SELECT owner, others FROM pins WHERE backend_id = $1 AND cid = $2")
                     .bind(b)
                     .bind(k)
                     .fetch_one(&pool)
                     .await?;
-            anyhow::Ok((owner, others))
+            anyhow::Ok(row)
         }
     };
-    // Bob and Erin pinned x and never unpinned it; Dave and Hank did; Ivan's pin failed.
     assert_eq!(
-        others(&x).await?,
+        holders(&x).await?,
         (
             Some("alice".into()),
             Some(vec!["bob".into(), "carol".into(), "erin".into()])
         )
     );
-    // Hank's replace moved his reference from x to y.
-    assert_eq!(
-        others(&y).await?,
-        (Some("alice".into()), Some(vec!["hank".into()]))
-    );
-    assert_eq!(others(&u).await?, (None, None));
-    let all: Vec<(Uuid, bool)> = sqlx::query_as("SELECT id, unpin_all FROM jobs")
+    // Only Alice's own request holds y: no others, not an empty list.
+    assert_eq!(holders(&y).await?, (Some("alice".into()), None));
+    assert_eq!(holders(&u).await?, (None, None));
+    let flags: Vec<(Uuid, bool)> = sqlx::query_as("SELECT id, unpin_all FROM jobs")
         .fetch_all(&db.pool)
         .await?;
-    let all: std::collections::HashMap<Uuid, bool> = all.into_iter().collect();
-    let flagged: Vec<usize> = (0..ids.len()).filter(|n| all[&ids[n]]).collect();
-    // The queued and failed unpins and the waiting replace; not the finished ones, nor pins.
-    assert_eq!(flagged, [7, 8, 9]);
+    let flags: std::collections::HashMap<Uuid, bool> = flags.into_iter().collect();
+    let flagged: Vec<usize> = (0..ids.len()).filter(|n| flags[&ids[*n]]).collect();
+    // Zed's failed unpin and Jo's pending removals; not finished ones, pins, nor Bob's.
+    assert_eq!(flagged, [6, 8, 9, 10]);
     Ok(())
 }

@@ -449,7 +449,8 @@ async fn run_job(
     let started = tokio::time::Instant::now();
     let result = tokio::select! {
         r = async {
-            let _call = ctx.calls.acquire().await;
+            // A backend call slot, unless the job calls nothing.
+            let _call = if job.calls_node() { Some(ctx.calls.acquire().await) } else { None };
             execute(ctx, job, backend).await
         } => r,
         _ = sig.lost.cancelled() => {
