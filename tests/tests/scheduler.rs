@@ -326,7 +326,34 @@ async fn a_stopped_node_goes_down_then_healthy_again_and_its_jobs_finish() -> an
         Ok(backend_status(&stack, "local").await? == "healthy")
     })
     .await?;
-    let cids = stack.ipfs().add_unpinned(&unique_contents(2)).await?;
+    let mut cids = stack.ipfs().add_unpinned(&unique_contents(3)).await?;
+    // Shared content: the admin's owner and a tenant both pin it before the node stops.
+    let shared = cids.pop().expect("three contents");
+    let token: Value = stack
+        .req(reqwest::Method::POST, "/v1/tokens")
+        .json(&json!({"name": "sharer", "owner": "tenant-s"}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let tenant = token["token"].as_str().unwrap_or_default().to_owned();
+    let as_tenant = |body: Value| {
+        let req = stack
+            .http
+            .post(format!("{}/v1/batches", stack.api_url))
+            .bearer_auth(&tenant)
+            .json(&body);
+        async move {
+            let v: Value = req.send().await?.json().await?;
+            anyhow::Ok(v["id"].as_str().unwrap_or_default().parse::<Uuid>()?)
+        }
+    };
+    let pin_shared = json!({"backends": ["local"], "ops": [{"op": "pin", "cid": shared}]});
+    let admin_pin = stack.submit_ok(&pin_shared).await?;
+    stack.wait_done(admin_pin, Duration::from_secs(60)).await?;
+    let tenant_pin = as_tenant(pin_shared).await?;
+    let done = stack.wait_done(tenant_pin, Duration::from_secs(60)).await?;
+    assert_eq!(done["counts"]["succeeded"], 1, "{done}");
 
     let stopped_at = db_now(&stack).await?;
     stack.ipfs.as_mut().expect("started").stop().await;
@@ -375,6 +402,17 @@ async fn a_stopped_node_goes_down_then_healthy_again_and_its_jobs_finish() -> an
         "nothing can be pinned while the node is down: {b}"
     );
     assert_eq!(b["counts"]["failed"], 0, "jobs wait rather than fail: {b}");
+    // The tenant's unpin of the shared content only removes its reference: it calls
+    // nothing, so it does not wait for the node.
+    let unpin =
+        as_tenant(json!({"backends": ["local"], "ops": [{"op": "unpin", "cid": shared}]})).await?;
+    let done = stack.wait_done(unpin, Duration::from_secs(20)).await?;
+    assert_eq!(done["counts"]["succeeded"], 1, "{done}");
+    assert_eq!(
+        backend_status(&stack, "local").await?,
+        "down",
+        "still down when the unpin finished"
+    );
 
     stack.ipfs.as_mut().expect("started").restart().await?;
     wait_until("backend healthy again", Duration::from_secs(30), || async {
@@ -384,6 +422,10 @@ async fn a_stopped_node_goes_down_then_healthy_again_and_its_jobs_finish() -> an
     let done = stack.wait_done(batch, Duration::from_secs(60)).await?;
     assert_eq!(done["counts"]["succeeded"], 2, "{done}");
     let pins = stack.ipfs().pins().await?;
+    assert!(
+        pins.contains(&canonical_of(&shared).expect("valid")),
+        "the admin's owner still holds the shared content"
+    );
     for c in &cids {
         assert!(
             pins.contains(&canonical_of(c).expect("valid")),
