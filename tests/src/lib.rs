@@ -804,6 +804,54 @@ impl Stack {
         Ok(resp.json().await?)
     }
 
+    /// Waits until no job is queued, running or waiting (parked jobs included).
+    pub async fn wait_jobs_settled(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (active,): (i64,) = sqlx::query_as(
+                "SELECT count(*) FROM jobs WHERE state IN ('queued', 'running', 'retry_wait')",
+            )
+            .fetch_one(&self.db.pool)
+            .await?;
+            if active == 0 {
+                return Ok(());
+            }
+            anyhow::ensure!(Instant::now() < deadline, "{active} jobs never ended");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Polls a Pinning Service API request (`GET /pins/{id}` with `token`) until its
+    /// status is `want`; returns the request.
+    pub async fn wait_pin_status(
+        &self,
+        token: &str,
+        id: &str,
+        want: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let resp = self
+                .http
+                .get(format!("{}/pins/{id}", self.api_url))
+                .bearer_auth(token)
+                .send()
+                .await?;
+            let code = resp.status().as_u16();
+            let v: Value = resp.json().await.unwrap_or(Value::Null);
+            assert_eq!(code, 200, "{v}");
+            if v["status"] == want {
+                return Ok(v);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "request {id} not {want} within {timeout:?}: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Polls the batch until it is done; returns its last view.
     pub async fn wait_done(&self, id: Uuid, timeout: Duration) -> anyhow::Result<Value> {
         let deadline = Instant::now() + timeout;

@@ -91,36 +91,6 @@ async fn call(
 
 const ALL: &str = "status=queued,pinning,pinned,failed";
 
-/// Polls a request until its status is `want`.
-async fn wait_status(
-    stack: &Stack,
-    token: &str,
-    id: &str,
-    want: &str,
-    timeout: Duration,
-) -> anyhow::Result<Value> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let (code, v) = call(
-            stack,
-            Some(token),
-            Method::GET,
-            &format!("/pins/{id}"),
-            None,
-        )
-        .await?;
-        assert_eq!(code, 200, "{v}");
-        if v["status"] == want {
-            return Ok(v);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "request {id} not {want} within {timeout:?}: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 async fn wait_node<F: Fn(&HashSet<String>) -> bool>(stack: &Stack, what: &str, f: F) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -220,7 +190,9 @@ async fn spec_walk_auth_add_get_list_replace_delete() -> anyhow::Result<()> {
     .await?;
     assert_eq!(code, 202, "{have}");
     let have_id = have["requestid"].as_str().unwrap_or_default().to_owned();
-    let pinned = wait_status(&stack, &token, &have_id, "pinned", Duration::from_secs(60)).await?;
+    let pinned = stack
+        .wait_pin_status(&token, &have_id, "pinned", Duration::from_secs(60))
+        .await?;
     spec.check("PinStatus", &pinned);
     let c0 = canonical_of(&cids[0]).unwrap_or_default();
     wait_node(&stack, "pinned cids[0]", |p| p.contains(&c0)).await;
@@ -353,7 +325,9 @@ async fn spec_walk_auth_add_get_list_replace_delete() -> anyhow::Result<()> {
         "NOT_FOUND",
         "replacing a replaced request",
     );
-    wait_status(&stack, &token, &rep_id, "pinned", Duration::from_secs(60)).await?;
+    stack
+        .wait_pin_status(&token, &rep_id, "pinned", Duration::from_secs(60))
+        .await?;
     let c1 = canonical_of(&cids[1]).unwrap_or_default();
     wait_node(&stack, "swapped cids[0] for cids[1]", |p| {
         p.contains(&c1) && !p.contains(&c0)
@@ -400,7 +374,9 @@ async fn pagination_over_25_pins_with_before_has_no_overlap_or_gap() -> anyhow::
         ids.push(v["requestid"].as_str().unwrap_or_default().to_owned());
     }
     for id in &ids {
-        wait_status(&stack, &token, id, "pinned", Duration::from_secs(90)).await?;
+        stack
+            .wait_pin_status(&token, id, "pinned", Duration::from_secs(90))
+            .await?;
     }
     let expected: HashSet<String> = cids.iter().filter_map(|c| canonical_of(c)).collect();
     let on_node = stack.ipfs().pins().await?;
@@ -517,23 +493,6 @@ async fn openapi_serves_the_spec_and_v1() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits until no job is queued, running or waiting (parked jobs included).
-async fn wait_jobs_settled(stack: &Stack) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (active,): (i64,) = sqlx::query_as(
-            "SELECT count(*) FROM jobs WHERE state IN ('queued', 'running', 'retry_wait')",
-        )
-        .fetch_one(&stack.db.pool)
-        .await?;
-        if active == 0 {
-            return Ok(());
-        }
-        anyhow::ensure!(Instant::now() < deadline, "{active} jobs never ended");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// A delete's unpin and the pin of a request made right after it (or of the request it
 /// deletes, still pinning) touch one CID: the node ends as the last request says.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -575,7 +534,9 @@ async fn a_delete_then_an_add_of_one_cid_leaves_it_pinned_and_the_reverse_unpinn
         first.push(v["requestid"].as_str().unwrap_or_default().to_owned());
     }
     for id in &first {
-        wait_status(&stack, &token, id, "pinned", Duration::from_secs(60)).await?;
+        stack
+            .wait_pin_status(&token, id, "pinned", Duration::from_secs(60))
+            .await?;
     }
 
     // Each pinned CID is deleted and at once added again; each of the others is added and
@@ -594,9 +555,11 @@ async fn a_delete_then_an_add_of_one_cid_leaves_it_pinned_and_the_reverse_unpinn
         remove(id.to_owned()).await?;
     }
     for id in &again {
-        wait_status(&stack, &token, id, "pinned", Duration::from_secs(60)).await?;
+        stack
+            .wait_pin_status(&token, id, "pinned", Duration::from_secs(60))
+            .await?;
     }
-    wait_jobs_settled(&stack).await?;
+    stack.wait_jobs_settled(Duration::from_secs(60)).await?;
 
     let expected: HashSet<String> = readd
         .iter()

@@ -364,15 +364,10 @@ async fn psa_add(stack: &Stack, token: &str, cid: &str) -> anyhow::Result<String
     .await?;
     anyhow::ensure!(code == 202, "add answered {code}: {v}");
     let id = v["requestid"].as_str().unwrap_or_default().to_owned();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, v) = call(stack, token, Method::GET, &format!("/pins/{id}"), None).await?;
-        if v["status"] == "pinned" {
-            return Ok(id);
-        }
-        anyhow::ensure!(Instant::now() < deadline, "request never pinned: {v}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    stack
+        .wait_pin_status(token, &id, "pinned", Duration::from_secs(60))
+        .await?;
+    Ok(id)
 }
 
 /// Deletes a `/pins` request and waits until every job has ended; returns how many unpin
@@ -387,22 +382,13 @@ async fn psa_delete(stack: &Stack, token: &str, id: &str) -> anyhow::Result<i64>
     let before = unpins().await?;
     let (code, v) = call(stack, token, Method::DELETE, &format!("/pins/{id}"), None).await?;
     anyhow::ensure!(code == 202, "delete answered {code}: {v}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (active, failed): (i64, i64) = sqlx::query_as(
-            "SELECT count(*) FILTER (WHERE state IN ('queued', 'running', 'retry_wait')),
-                    count(*) FILTER (WHERE op = 'unpin' AND state <> 'succeeded')
-             FROM jobs",
-        )
-        .fetch_one(&stack.db.pool)
-        .await?;
-        if active == 0 {
-            anyhow::ensure!(failed == 0, "an unpin did not succeed");
-            return Ok(unpins().await? - before);
-        }
-        anyhow::ensure!(Instant::now() < deadline, "{active} jobs never ended");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    stack.wait_jobs_settled(Duration::from_secs(60)).await?;
+    let (failed,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM jobs WHERE op = 'unpin' AND state <> 'succeeded'")
+            .fetch_one(&stack.db.pool)
+            .await?;
+    anyhow::ensure!(failed == 0, "an unpin did not succeed");
+    Ok(unpins().await? - before)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
