@@ -300,26 +300,20 @@ pub async fn delete_backend(
         tx.rollback().await?;
         return Ok(BackendDelete::Busy { unfinished });
     }
-    // With `purge`, only finished jobs go, and `job_attempts` has no foreign key on `jobs`:
-    // their records go in the same statement. The state is checked again on each row
-    // deleted, because a re-drive (which takes no lock on the backend) may have made a job
+    // With `purge`, only finished jobs go (their attempt records with them: the
+    // `attempts_follow_jobs` trigger). The state is checked again on each row deleted,
+    // because a re-drive (which takes no lock on the backend) may have made a job
     // unfinished since the count above; such a job stays, and the delete is refused below.
     let mut jobs_removed = 0;
     if purge {
-        let (n,): (i64,) = sqlx::query_as(
-            "WITH gone AS (
-                 DELETE FROM jobs
-                 WHERE backend_id = $1 AND state IN ('succeeded', 'failed', 'cancelled')
-                 RETURNING id
-             ), records AS (
-                 DELETE FROM job_attempts WHERE job_id IN (SELECT id FROM gone)
-             )
-             SELECT count(*) FROM gone",
+        jobs_removed = sqlx::query(
+            "DELETE FROM jobs
+             WHERE backend_id = $1 AND state IN ('succeeded', 'failed', 'cancelled')",
         )
         .bind(id)
-        .fetch_one(&mut *tx)
-        .await?;
-        jobs_removed = u64::try_from(n).unwrap_or(0);
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
     }
     let (left,): (i64,) = sqlx::query_as("SELECT count(*) FROM jobs WHERE backend_id = $1")
         .bind(id)

@@ -456,6 +456,29 @@ impl IpfsNode {
     }
 }
 
+/// A job of `op` on `cid` for `backend` at position `seq`, keyed by the canonical form of
+/// `cid` (or by `cid` itself when it is not a CID), with no name, meta or replaced CID.
+pub fn new_job(
+    backend: Uuid,
+    seq: i32,
+    op: pinq_core::model::Op,
+    cid: &str,
+) -> pinq_core::db::NewJob {
+    pinq_core::db::NewJob {
+        id: Uuid::now_v7(),
+        seq,
+        backend_id: backend,
+        op,
+        cid: cid.to_owned(),
+        replaces_cid: None,
+        cid_key: canonical_of(cid).unwrap_or_else(|| cid.to_owned()),
+        replaces_key: None,
+        name: None,
+        meta: Value::Object(Default::default()),
+        unpin_all: false,
+    }
+}
+
 /// Stores `jobs` as one fresh batch of `owner` (priority 5, default retry policy) the way
 /// the API does, and marks its outbox row published; returns the batch id and the job ids.
 pub async fn store_batch(

@@ -6,48 +6,22 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use pinq_core::db::{self, ClaimedJob, LeaseStatus, NewBatch, NewJob, Outcome, RelayScan, Stored};
-use pinq_core::model::{Op, Priority};
-use pinq_core::retry::RetryPolicy;
-use pinq_e2e::{TestDb, relay_scan};
-use serde_json::json;
+use pinq_core::db::{self, ClaimedJob, LeaseStatus, NewJob, Outcome, RelayScan};
+use pinq_core::model::Op;
+use pinq_e2e::{TestDb, new_job, relay_scan, store_batch};
 use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
 
 fn pin_job(backend: Uuid, seq: i32) -> NewJob {
-    NewJob {
-        id: Uuid::now_v7(),
-        seq,
-        backend_id: backend,
-        op: Op::Pin,
-        // Distinct, well-formed CIDs are not needed here: the index is keyed by whatever
-        // the job names.
-        cid: format!("bafy-lease-test-{seq}"),
-        replaces_cid: None,
-        cid_key: format!("bafy-lease-test-{seq}"),
-        replaces_key: None,
-        name: None,
-        meta: json!({}),
-        unpin_all: false,
-    }
+    // Distinct, well-formed CIDs are not needed here: the index is keyed by whatever the
+    // job names.
+    new_job(backend, seq, Op::Pin, &format!("bafy-lease-test-{seq}"))
 }
 
 /// Stores `n` pin jobs as one batch whose messages count as published; returns their ids.
 async fn store(pool: &sqlx::PgPool, backend: Uuid, n: i32) -> anyhow::Result<Vec<Uuid>> {
-    let batch = NewBatch {
-        id: Uuid::now_v7(),
-        owner: "alice".into(),
-        priority: Priority::new(5)?,
-        backends: vec!["b".into()],
-        retry: RetryPolicy::default(),
-        idempotency_key: None,
-        jobs: (0..n).map(|i| pin_job(backend, i)).collect(),
-    };
-    let Stored::Created { owed, .. } = db::insert_batch(pool, &batch).await? else {
-        anyhow::bail!("a fresh batch was taken for an existing one");
-    };
-    db::settle_dispatch(pool, owed.entry).await?;
-    Ok(owed.jobs.into_iter().map(|(id, _)| id).collect())
+    let jobs = (0..n).map(|i| pin_job(backend, i)).collect();
+    Ok(store_batch(pool, "alice", jobs).await?.1)
 }
 
 async fn state_of(pool: &sqlx::PgPool, id: Uuid) -> anyhow::Result<String> {

@@ -9,26 +9,14 @@ use pinq_core::model::{JobState, Op, Priority};
 use pinq_core::psa::{self, JobSettings, NewPin};
 use pinq_core::retry::RetryPolicy;
 use pinq_core::stats::{self, JobFilter};
-use pinq_e2e::{TestDb, random_cid, store_batch};
-use serde_json::{Map, json};
+use pinq_e2e::{TestDb, new_job, random_cid, store_batch};
+use serde_json::Map;
 use uuid::Uuid;
 
 const V0: &str = "QmdfTbBqBPQ7VNxZEYEj14VmRuZBkqFbiwReogJgS1zR1n";
 
 fn job(backend: Uuid, seq: i32, cid: &str) -> NewJob {
-    NewJob {
-        id: Uuid::now_v7(),
-        seq,
-        backend_id: backend,
-        op: Op::Pin,
-        cid: cid.to_owned(),
-        replaces_cid: None,
-        cid_key: canonical_of(cid).expect("valid CID"),
-        replaces_key: None,
-        name: None,
-        meta: json!({}),
-        unpin_all: false,
-    }
+    new_job(backend, seq, Op::Pin, cid)
 }
 
 async fn store(db: &TestDb, owner: &str, jobs: Vec<NewJob>) -> anyhow::Result<Uuid> {

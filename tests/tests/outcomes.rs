@@ -8,8 +8,7 @@ use pinq_core::cid::canonical_of;
 use pinq_core::db::{self, ClaimedJob, NewBatch, NewJob, RelayScan, Stored};
 use pinq_core::model::{Op, Priority};
 use pinq_core::retry::RetryPolicy;
-use pinq_e2e::{TestDb, random_cid, relay_scan, relay_scan_limit, store_batch};
-use serde_json::json;
+use pinq_e2e::{TestDb, new_job, random_cid, relay_scan, relay_scan_limit, store_batch};
 use uuid::Uuid;
 
 const A: &str = "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy";
@@ -19,17 +18,8 @@ const V0: &str = "QmdfTbBqBPQ7VNxZEYEj14VmRuZBkqFbiwReogJgS1zR1n";
 
 fn job(backend: Uuid, seq: i32, op: Op, cid: &str) -> NewJob {
     NewJob {
-        id: Uuid::now_v7(),
-        seq,
-        backend_id: backend,
-        op,
-        cid: cid.to_owned(),
-        replaces_cid: None,
-        cid_key: canonical_of(cid).expect("valid CID"),
-        replaces_key: None,
         name: Some(format!("job-{seq}")),
-        meta: json!({}),
-        unpin_all: false,
+        ..new_job(backend, seq, op, cid)
     }
 }
 
