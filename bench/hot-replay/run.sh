@@ -19,7 +19,7 @@ psql -qX -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
 trap 'psql -qX -c "DROP DATABASE IF EXISTS $db" >/dev/null' EXIT
 for m in ../../migrations/*.sql; do
     case "$m" in *hot_jobs.sql) break ;; esac
-    psql -qX -v ON_ERROR_STOP=1 -d "$db" -f "$m" >/dev/null
+    psql -qX -1 -v ON_ERROR_STOP=1 -d "$db" -f "$m" >/dev/null
 done
 
 replay() {

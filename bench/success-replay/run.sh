@@ -19,7 +19,7 @@ runs="${RUNS:-3}"
 psql -qX -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null 2>&1
 trap 'psql -qX -c "DROP DATABASE IF EXISTS $db" >/dev/null' EXIT
 for m in ../../migrations/*.sql; do
-    psql -qX -v ON_ERROR_STOP=1 -d "$db" -f "$m" >/dev/null
+    psql -qX -1 -v ON_ERROR_STOP=1 -d "$db" -f "$m" >/dev/null
 done
 
 for _ in $(seq "$runs"); do

@@ -1740,6 +1740,16 @@ pub async fn list_workers(pool: &PgPool) -> Result<Vec<WorkerRow>, sqlx::Error> 
     .await
 }
 
+/// Folds the job tallies of database sessions that have ended into one row per owner and
+/// state, and deletes per-second finishes older than ten minutes (`pinq_fold_job_tallies`
+/// in the `job_tallies` migration). Returns how many rows were folded.
+pub async fn fold_job_tallies(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    let (folded,): (i64,) = sqlx::query_as("SELECT pinq_fold_job_tallies()")
+        .fetch_one(pool)
+        .await?;
+    Ok(folded)
+}
+
 /// Marks workers whose heartbeat is older than `stale` as lost, and expires the leases of
 /// their claims so the relay takes their running jobs back at once instead of waiting out
 /// the lease. Returns (workers marked lost, claims expired).

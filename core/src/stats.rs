@@ -24,15 +24,18 @@ pub struct JobCounts {
     pub cancelled: i64,
 }
 
-/// Recent throughput and latency, measured on `finished_at`.
-#[derive(Debug, Clone, Default, Serialize, FromRow, PartialEq)]
+/// Recent throughput and latency, measured on `finished_at`, in whole seconds: the
+/// "last 10 s" are the current second and the 9 before it, the "last 60 s" the current
+/// second and the 59 before it.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct Recent {
     pub succeeded_10s: i64,
     pub failed_10s: i64,
     pub succeeded_60s: i64,
     pub failed_60s: i64,
     /// Submit→done latency (finished_at − created_at) over jobs finished in the last
-    /// 60 s, in milliseconds; `None` when no job finished.
+    /// 60 s, in milliseconds; `None` when no job finished. The percentiles are estimated
+    /// from latency buckets about 9 % wide (see [`percentile`]); the maximum is exact.
     pub latency_p50_ms: Option<f64>,
     pub latency_p90_ms: Option<f64>,
     pub latency_p99_ms: Option<f64>,
@@ -40,24 +43,17 @@ pub struct Recent {
     pub latency_samples: i64,
 }
 
+/// Jobs per state, read from the tallies the `job_tallies` migration's triggers keep: a
+/// few rows per owner, whatever the number of retained jobs.
 pub async fn job_counts(pool: &PgPool, owner: Option<&str>) -> Result<JobCounts, sqlx::Error> {
-    // A tenant's jobs are found through its batches (see `list_jobs`).
-    let rows: Vec<(String, i64)> = match owner {
-        None => {
-            sqlx::query_as("SELECT state, count(*) FROM jobs GROUP BY state")
-                .fetch_all(pool)
-                .await?
-        }
-        Some(owner) => {
-            sqlx::query_as(
-                "SELECT j.state, count(*) FROM batches bt JOIN jobs j ON j.batch_id = bt.id
-                 WHERE bt.owner = $1 GROUP BY j.state",
-            )
-            .bind(owner)
-            .fetch_all(pool)
-            .await?
-        }
-    };
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT state, sum(n)::int8 FROM job_tallies
+         WHERE $1::text IS NULL OR owner = $1
+         GROUP BY state",
+    )
+    .bind(owner)
+    .fetch_all(pool)
+    .await?;
     let mut c = JobCounts::default();
     for (state, n) in rows {
         match state.parse::<JobState>() {
@@ -73,33 +69,96 @@ pub async fn job_counts(pool: &PgPool, owner: Option<&str>) -> Result<JobCounts,
     Ok(c)
 }
 
-/// Completions in the last 10 s and 60 s and the latency percentiles of the last 60 s.
+/// Jobs in one latency bucket of [`percentile`]'s input.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LatencyBucket {
+    /// Bucket b holds latencies from 2^(b/8) up to 2^((b+1)/8) milliseconds.
+    pub bucket: i16,
+    pub n: i64,
+}
+
+/// Buckets per doubling of the latency (`pinq_latency_bucket` in the migrations).
+const BUCKETS_PER_DOUBLING: f64 = 8.0;
+
+fn bucket_floor_ms(bucket: f64) -> f64 {
+    (bucket / BUCKETS_PER_DOUBLING).exp2()
+}
+
+/// The `q` quantile (0 ≤ q ≤ 1) of latencies given as buckets sorted by bucket, the way
+/// PostgreSQL's `percentile_cont` computes it from the sorted latencies (interpolating
+/// between the two nearest to rank q × (n − 1)), with each latency taken to lie in its
+/// bucket as if a bucket's n latencies were spread evenly over it, and capped at the
+/// largest latency seen. `None` when there are none.
+pub fn percentile(buckets: &[LatencyBucket], q: f64, max_ms: f64) -> Option<f64> {
+    let total: i64 = buckets.iter().map(|b| b.n).sum();
+    if total <= 0 {
+        return None;
+    }
+    // The estimated k-th smallest latency (k from 0).
+    let nth = |k: i64| -> f64 {
+        let mut before = 0i64;
+        for b in buckets.iter().filter(|b| b.n > 0) {
+            if k < before + b.n {
+                let within = ((k - before) as f64 + 0.5) / b.n as f64;
+                return bucket_floor_ms(f64::from(b.bucket) + within);
+            }
+            before += b.n;
+        }
+        max_ms
+    };
+    let rank = q.clamp(0.0, 1.0) * (total - 1) as f64;
+    let below = rank.floor();
+    let (lo, hi) = (nth(below as i64), nth(rank.ceil() as i64));
+    Some((lo + (rank - below) * (hi - lo)).min(max_ms))
+}
+
+/// Completions in the last 10 s and 60 s and the latency percentiles of the last 60 s,
+/// from the per-second rows the `job_tallies` migration's triggers keep.
 pub async fn recent(pool: &PgPool, owner: Option<&str>) -> Result<Recent, sqlx::Error> {
-    sqlx::query_as(
-        "WITH f AS (
-             SELECT j.state, j.finished_at,
-                    extract(epoch FROM (j.finished_at - j.created_at)) * 1000.0 AS ms
-             FROM jobs j
-             WHERE j.state IN ('succeeded', 'failed')
-               AND j.finished_at > now() - interval '60 seconds'
-               AND ($1::text IS NULL
-                    OR j.batch_id IN (SELECT bt.id FROM batches bt WHERE bt.owner = $1))
-         )
-         SELECT
-             count(*) FILTER (WHERE state = 'succeeded' AND finished_at > now() - interval '10 seconds') AS succeeded_10s,
-             count(*) FILTER (WHERE state = 'failed' AND finished_at > now() - interval '10 seconds') AS failed_10s,
-             count(*) FILTER (WHERE state = 'succeeded') AS succeeded_60s,
-             count(*) FILTER (WHERE state = 'failed') AS failed_60s,
-             (percentile_cont(0.5) WITHIN GROUP (ORDER BY ms))::float8 AS latency_p50_ms,
-             (percentile_cont(0.9) WITHIN GROUP (ORDER BY ms))::float8 AS latency_p90_ms,
-             (percentile_cont(0.99) WITHIN GROUP (ORDER BY ms))::float8 AS latency_p99_ms,
-             max(ms)::float8 AS latency_max_ms,
-             count(*) AS latency_samples
-         FROM f",
+    let rows: Vec<(String, i16, bool, i64, f64)> = sqlx::query_as(
+        "SELECT state, bucket,
+                second >= date_trunc('second', now()) - interval '9 seconds' AS last_10s,
+                sum(n)::int8, max(max_ms)
+         FROM job_finishes
+         WHERE second >= date_trunc('second', now()) - interval '59 seconds'
+           AND ($1::text IS NULL OR owner = $1)
+         GROUP BY 1, 2, 3",
     )
     .bind(owner)
-    .fetch_one(pool)
-    .await
+    .fetch_all(pool)
+    .await?;
+    let mut r = Recent::default();
+    let mut by_bucket: std::collections::BTreeMap<i16, i64> = Default::default();
+    let mut max_ms: Option<f64> = None;
+    for (state, bucket, last_10s, n, max) in rows {
+        let succeeded = state == JobState::Succeeded.as_str();
+        if succeeded {
+            r.succeeded_60s += n;
+        } else {
+            r.failed_60s += n;
+        }
+        if last_10s {
+            if succeeded {
+                r.succeeded_10s += n;
+            } else {
+                r.failed_10s += n;
+            }
+        }
+        *by_bucket.entry(bucket).or_default() += n;
+        max_ms = Some(max_ms.map_or(max, |m: f64| m.max(max)));
+    }
+    let buckets: Vec<LatencyBucket> = by_bucket
+        .into_iter()
+        .map(|(bucket, n)| LatencyBucket { bucket, n })
+        .collect();
+    r.latency_samples = buckets.iter().map(|b| b.n).sum();
+    if let Some(max) = max_ms {
+        r.latency_p50_ms = percentile(&buckets, 0.5, max);
+        r.latency_p90_ms = percentile(&buckets, 0.9, max);
+        r.latency_p99_ms = percentile(&buckets, 0.99, max);
+        r.latency_max_ms = Some(max);
+    }
+    Ok(r)
 }
 
 /// Which jobs `GET /v1/jobs` lists.
@@ -201,9 +260,13 @@ pub struct PinRow {
     pub name: Option<String>,
     pub job_id: Option<Uuid>,
     pub status: String,
-    pub pinned_at: DateTime<Utc>,
+    /// When the first owner's pin was done, and when the row last changed; both `None` in
+    /// a tenant's view of a row another owner pinned first, as they would tell the tenant
+    /// that someone else holds the content, and when they act on it.
+    pub pinned_at: Option<DateTime<Utc>>,
+    /// When the index update last found the pin on the backend.
     pub verified_at: Option<DateTime<Utc>>,
-    pub updated_at: DateTime<Utc>,
+    pub updated_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -219,8 +282,8 @@ pub struct PinFilter {
 }
 
 /// Pin index rows, ordered by backend name then CID. With `owner` set (a tenant's view),
-/// the rows it holds a reference to, showing no other owner: the name and job of a row
-/// another owner pinned first are left out.
+/// the rows it holds a reference to, showing no other owner: the name, job and times of a
+/// row another owner pinned first are left out.
 pub async fn list_pins(pool: &PgPool, f: &PinFilter) -> Result<Vec<PinRow>, sqlx::Error> {
     let (after_backend, after_cid) = f.after.clone().unzip();
     sqlx::query_as(
@@ -231,7 +294,10 @@ pub async fn list_pins(pool: &PgPool, f: &PinFilter) -> Result<Vec<PinRow>, sqlx
                      ELSE ARRAY[p.owner] || coalesce(p.others, '{}') END AS owners,
                 CASE WHEN $1::text IS NULL OR p.owner = $1 THEN p.name END AS name,
                 CASE WHEN $1::text IS NULL OR p.owner = $1 THEN p.job_id END AS job_id,
-                p.status, p.pinned_at, p.verified_at, p.updated_at
+                p.status,
+                CASE WHEN $1::text IS NULL OR p.owner = $1 THEN p.pinned_at END AS pinned_at,
+                p.verified_at,
+                CASE WHEN $1::text IS NULL OR p.owner = $1 THEN p.updated_at END AS updated_at
          FROM pins p JOIN backends b ON b.id = p.backend_id
          WHERE ($1::text IS NULL OR p.owner = $1 OR $1 = ANY (p.others))
            AND ($2::text IS NULL OR b.name = $2)
@@ -333,4 +399,74 @@ pub async fn delete_backend(
         .await?;
     tx.commit().await?;
     Ok(BackendDelete::Deleted { jobs_removed })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `pinq_latency_bucket` of the migrations, for building test input.
+    fn bucket_of(ms: f64) -> i16 {
+        (BUCKETS_PER_DOUBLING * ms.log2()).floor() as i16
+    }
+
+    fn buckets(latencies: impl IntoIterator<Item = f64>) -> Vec<LatencyBucket> {
+        let mut by: std::collections::BTreeMap<i16, i64> = Default::default();
+        for ms in latencies {
+            *by.entry(bucket_of(ms)).or_default() += 1;
+        }
+        by.into_iter()
+            .map(|(bucket, n)| LatencyBucket { bucket, n })
+            .collect()
+    }
+
+    #[test]
+    fn percentiles_from_buckets_land_within_a_bucket_of_the_exact_ones() {
+        // 1..=10,000 ms, and a skewed set: 9,900 fast jobs and 100 slow ones.
+        let uniform: Vec<f64> = (1..=10_000).map(f64::from).collect();
+        let skewed: Vec<f64> = (0..10_000)
+            .map(|i| {
+                if i < 9_900 {
+                    2.0 + f64::from(i % 7)
+                } else {
+                    800.0 + f64::from(i)
+                }
+            })
+            .collect();
+        for set in [uniform, skewed] {
+            let mut sorted = set.clone();
+            sorted.sort_by(f64::total_cmp);
+            let max = *sorted.last().unwrap();
+            let b = buckets(set.iter().copied());
+            for q in [0.5, 0.9, 0.99] {
+                // PostgreSQL's `percentile_cont` on the latencies themselves.
+                let rank = q * (sorted.len() - 1) as f64;
+                let (lo, hi) = (sorted[rank.floor() as usize], sorted[rank.ceil() as usize]);
+                let exact = lo + (rank - rank.floor()) * (hi - lo);
+                let got = percentile(&b, q, max).unwrap();
+                let ratio = got / exact;
+                assert!(
+                    (0.91..=1.1).contains(&ratio),
+                    "q {q}: estimated {got} ms, exact {exact} ms"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn percentiles_of_few_samples_stay_within_what_was_seen() {
+        assert_eq!(percentile(&[], 0.5, 0.0), None);
+        // One job of 3 ms: every percentile is within its bucket and at most 3 ms.
+        let one = buckets([3.0]);
+        for q in [0.5, 0.99] {
+            let got = percentile(&one, q, 3.0).unwrap();
+            assert!((2.8..=3.0).contains(&got), "q {q}: {got}");
+        }
+        // Two far apart: between them, as `percentile_cont` puts it (500.5 and 990.01).
+        let two = buckets([1.0, 1000.0]);
+        let p50 = percentile(&two, 0.5, 1000.0).unwrap();
+        assert!((455.0..=550.0).contains(&p50), "p50 {p50}");
+        let p99 = percentile(&two, 0.99, 1000.0).unwrap();
+        assert!((900.0..=1000.0).contains(&p99), "p99 {p99}");
+    }
 }

@@ -72,6 +72,8 @@ pub struct Relay {
     pub settings: SchedulerArgs,
     /// Where the next page of the unblocked scan starts (see [`RelayScan::Unblocked`]).
     unblocked_after: std::sync::Mutex<Uuid>,
+    /// When the job tallies were last folded (see [`db::fold_job_tallies`]).
+    folded_at: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 impl Relay {
@@ -81,6 +83,7 @@ impl Relay {
             publisher,
             settings,
             unblocked_after: std::sync::Mutex::new(Uuid::nil()),
+            folded_at: std::sync::Mutex::new(None),
         }
     }
 
@@ -112,9 +115,9 @@ impl Relay {
 
     /// One pass: reap silent workers, move the jobs of expired leases, due retries and
     /// parked jobs no longer blocked back to `queued` (each scan owing their messages in
-    /// the dispatch outbox), owe again
-    /// the jobs of long-published entries that never started, then publish what the outbox
-    /// holds. Returns the most rows any one step handled.
+    /// the dispatch outbox), owe again the jobs of long-published entries that never
+    /// started, fold the job tallies once a minute, then publish what the outbox holds.
+    /// Returns the most rows any one step handled.
     pub async fn pass(&self) -> anyhow::Result<usize> {
         let stale = Duration::from_secs(self.settings.worker_stale_secs.max(1));
         let (lost, claims) = db::reap_lost_workers(&self.pool, stale).await?;
@@ -140,7 +143,34 @@ impl Relay {
             most = most.max(self.requeue(scan).await?);
         }
         most = most.max(self.reowe_stale().await?);
+        // The fold only keeps two small tables small: its failure must not hold up the
+        // publish, so it is logged and tried again next pass.
+        if let Err(e) = self.fold_tallies().await {
+            tracing::warn!(error = format!("{e:#}"), "folding the job tallies failed");
+        }
         Ok(most.max(self.publish_owed().await?))
+    }
+
+    /// Once every [`FOLD_EVERY`]: folds the job tallies of database sessions that have
+    /// ended and deletes old per-second finishes, which keeps both tables small. Counts
+    /// do not depend on it: `GET /v1/stats` sums every session's rows.
+    async fn fold_tallies(&self) -> anyhow::Result<()> {
+        let now = tokio::time::Instant::now();
+        let due = self
+            .folded_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_none_or(|at| now.duration_since(at) >= FOLD_EVERY);
+        if !due {
+            return Ok(());
+        }
+        let folded = db::fold_job_tallies(&self.pool).await?;
+        *self
+            .folded_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(now);
+        tracing::debug!(rows = folded, "folded the job tallies of ended sessions");
+        Ok(())
     }
 
     /// The safety net for messages lost in the broker: see [`db::relay_reowe_stale`].
@@ -241,6 +271,9 @@ impl Relay {
         })
     }
 }
+
+/// How often the relay folds the job tallies (see [`Relay::fold_tallies`]).
+const FOLD_EVERY: Duration = Duration::from_secs(60);
 
 /// Most dispatch-outbox entries one relay transaction publishes (an entry names one
 /// requeue, one batch or one hand-back).

@@ -140,6 +140,37 @@ impl TestDb {
             .unwrap_or((-1,));
         row.0
     }
+
+    /// Checks that the job tallies behind `GET /v1/stats` (`job_tallies`, kept by triggers)
+    /// agree with a count of the jobs, per owner and state, and that there are some.
+    pub async fn check_tallies(&self) -> anyhow::Result<()> {
+        type Counts = Vec<(String, String, i64)>;
+        // One snapshot for both reads: the triggers change the tallies in the transaction
+        // that changes the jobs, so the two agree exactly at any snapshot.
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            .execute(&mut *tx)
+            .await?;
+        let kept: Counts = sqlx::query_as(
+            "SELECT owner, state, sum(n)::int8 FROM job_tallies
+             GROUP BY owner, state HAVING sum(n) <> 0 ORDER BY owner, state",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let counted: Counts = sqlx::query_as(
+            "SELECT owner, state, count(*) FROM jobs GROUP BY owner, state
+             ORDER BY owner, state",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        anyhow::ensure!(
+            kept == counted,
+            "the job tallies {kept:?} differ from the jobs' own count {counted:?}"
+        );
+        anyhow::ensure!(!counted.is_empty(), "there were no jobs to count");
+        Ok(())
+    }
 }
 
 impl Drop for TestDb {

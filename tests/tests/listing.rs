@@ -11,6 +11,7 @@ use pinq_core::retry::RetryPolicy;
 use pinq_core::stats::{self, JobFilter};
 use pinq_e2e::{TestDb, new_job, random_cid, store_batch};
 use serde_json::Map;
+use sqlx::Connection;
 use uuid::Uuid;
 
 const V0: &str = "QmdfTbBqBPQ7VNxZEYEj14VmRuZBkqFbiwReogJgS1zR1n";
@@ -262,13 +263,156 @@ async fn counts_and_recent_figures_are_per_tenant() -> anyhow::Result<()> {
         (2, 1, 3),
         "alice: {alice:?}"
     );
+    // Every latency is at least a second; the estimate can be as low as the floor of the
+    // bucket holding 1,000 ms (buckets are 2^(1/8) wide), and the maximum is exact.
     assert!(
-        alice.latency_p50_ms.is_some_and(|ms| ms >= 1000.0),
+        alice
+            .latency_p50_ms
+            .is_some_and(|ms| ms >= 1000.0 / 2f64.powf(1.0 / 8.0)),
         "alice's latency counts from creation: {alice:?}"
+    );
+    assert!(
+        alice.latency_max_ms.is_some_and(|ms| ms >= 1000.0),
+        "{alice:?}"
     );
     let bob = stats::recent(&db.pool, Some("bob")).await?;
     assert_eq!((bob.succeeded_60s, bob.failed_60s), (1, 0), "bob: {bob:?}");
     let all = stats::recent(&db.pool, None).await?;
     assert_eq!((all.succeeded_60s, all.failed_60s), (3, 1), "all: {all:?}");
+    Ok(())
+}
+
+/// The counts of `GET /v1/stats` come from tallies that triggers keep per statement and
+/// per database session (`job_tallies`): they follow inserts, every state change, deletes
+/// and a truncate; the scheduler's fold moves an ended session's rows into one row per
+/// owner and state, so the table stays small however many jobs there are; and the
+/// per-second finishes behind the recent figures age out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tallies_follow_every_change_and_fold_when_sessions_end() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let backend = db::insert_backend(&db.pool, "b", "kubo", "http://127.0.0.1:9").await?;
+    for owner in ["alice", "bob"] {
+        for _ in 0..5 {
+            let jobs = (0..1000)
+                .map(|s| job(backend.id, s, &random_cid()))
+                .collect();
+            store(&db, owner, jobs).await?;
+        }
+    }
+    db.check_tallies().await?;
+    let counts = stats::job_counts(&db.pool, Some("alice")).await?;
+    assert_eq!(counts.queued, 5000, "{counts:?}");
+
+    // A session of its own changes jobs in each way, then ends.
+    let mut conn = sqlx::PgConnection::connect(&db.url).await?;
+    let (pid,): (i32,) = sqlx::query_as("SELECT pg_backend_pid()")
+        .fetch_one(&mut conn)
+        .await?;
+    let steps = [
+        // Claimed, then most succeed, a few fail and one waits to retry.
+        "UPDATE jobs SET state = 'running', lease_owner = gen_random_uuid(), started_at = now()
+         WHERE seq < 100",
+        "UPDATE jobs SET state = 'succeeded', lease_owner = NULL, finished_at = now()
+         WHERE seq < 90",
+        "UPDATE jobs SET state = 'failed', lease_owner = NULL, finished_at = now()
+         WHERE seq BETWEEN 90 AND 97",
+        "UPDATE jobs SET state = 'retry_wait', lease_owner = NULL, retry_at = now()
+         WHERE seq > 97 AND state = 'running'",
+        // Cancelled while queued; an update that changes no state; retention's delete.
+        "UPDATE jobs SET state = 'cancelled', finished_at = now() WHERE seq >= 900",
+        "UPDATE jobs SET cancel_requested = true WHERE seq BETWEEN 500 AND 509",
+        "DELETE FROM jobs WHERE state = 'cancelled' AND owner = 'bob'",
+    ];
+    for sql in steps {
+        sqlx::query(sql).execute(&mut conn).await?;
+        db.check_tallies()
+            .await
+            .map_err(|e| e.context(format!("after {sql}")))?;
+    }
+    let alice = stats::job_counts(&db.pool, Some("alice")).await?;
+    assert_eq!(
+        (
+            alice.succeeded,
+            alice.failed,
+            alice.retry_wait,
+            alice.cancelled
+        ),
+        (450, 40, 10, 500),
+        "{alice:?}"
+    );
+    assert_eq!(alice.queued, 5000 - 450 - 40 - 10 - 500, "{alice:?}");
+    let bob = stats::job_counts(&db.pool, Some("bob")).await?;
+    assert_eq!((bob.succeeded, bob.cancelled), (450, 0), "{bob:?}");
+    let recent = stats::recent(&db.pool, None).await?;
+    assert_eq!(
+        (
+            recent.succeeded_10s,
+            recent.failed_60s,
+            recent.latency_samples
+        ),
+        (900, 80, 980),
+        "{recent:?}"
+    );
+
+    let rows_of = |shard: i32| {
+        let pool = db.pool.clone();
+        async move {
+            let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM job_tallies WHERE shard = $1")
+                .bind(shard)
+                .fetch_one(&pool)
+                .await?;
+            anyhow::Ok(n)
+        }
+    };
+    assert!(rows_of(pid).await? > 0, "the session wrote rows of its own");
+    // A live session's rows stay where they are.
+    assert_eq!(db::fold_job_tallies(&db.pool).await?, 0);
+    assert!(rows_of(pid).await? > 0);
+    conn.close().await?;
+    // The server may take a moment to let the session go.
+    let mut folded = 0;
+    for _ in 0..50 {
+        folded += db::fold_job_tallies(&db.pool).await?;
+        if rows_of(pid).await? == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(folded > 0, "the ended session's rows were folded");
+    assert_eq!(rows_of(pid).await?, 0);
+    db.check_tallies().await?;
+    // At most a row per owner and state in shard 0 and in each of the pool's sessions.
+    let rows = db.count("job_tallies").await;
+    assert!(rows <= 2 * 6 * 5, "{rows} rows for 10,000 jobs");
+    assert_eq!(
+        stats::job_counts(&db.pool, Some("alice")).await?,
+        alice,
+        "folding changes no count"
+    );
+
+    // Finishes older than ten minutes go; the recent ones stay.
+    sqlx::query(
+        "INSERT INTO job_finishes (second, owner, state, bucket, shard, n, max_ms)
+         VALUES (date_trunc('second', now()) - interval '11 minutes', 'alice', 'succeeded',
+                 10, 0, 7, 2.0)",
+    )
+    .execute(&db.pool)
+    .await?;
+    db::fold_job_tallies(&db.pool).await?;
+    let (old,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM job_finishes WHERE second < now() - interval '10 minutes'",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    assert_eq!(old, 0, "old finishes were deleted");
+    assert_eq!(stats::recent(&db.pool, None).await?.latency_samples, 980);
+
+    sqlx::query("TRUNCATE jobs CASCADE")
+        .execute(&db.pool)
+        .await?;
+    assert_eq!(
+        stats::job_counts(&db.pool, None).await?,
+        stats::JobCounts::default()
+    );
     Ok(())
 }

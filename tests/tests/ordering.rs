@@ -136,5 +136,6 @@ async fn pin_unpin_pin(stack: &Stack) -> anyhow::Result<i64> {
             last_end.insert(k, finished);
         }
     }
+    stack.db.check_tallies().await?;
     Ok(most_parked)
 }

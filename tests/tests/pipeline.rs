@@ -88,6 +88,7 @@ async fn pins_500_then_unpins_half_on_a_real_node() -> anyhow::Result<()> {
         .fetch_one(&stack.db.pool)
         .await?;
     assert_eq!(max_attempt, 1);
+    stack.db.check_tallies().await?;
     Ok(())
 }
 

@@ -575,6 +575,7 @@ async fn a_delete_then_an_add_of_one_cid_leaves_it_pinned_and_the_reverse_unpinn
         expected,
         "the pin index agrees"
     );
+    stack.db.check_tallies().await?;
     Ok(())
 }
 

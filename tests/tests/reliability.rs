@@ -111,6 +111,7 @@ async fn kill_9_workers_mid_batch_loses_nothing_and_runs_nothing_twice() -> anyh
     assert_eq!(done["counts"]["succeeded"], 2000, "{done}");
     assert_eq!((f.succeeded, f.lost, f.double_run), (2000, 0, 0));
     assert_eq!(stack.ipfs().pins().await?.len(), 2000);
+    stack.db.check_tallies().await?;
     Ok(())
 }
 
@@ -149,6 +150,7 @@ async fn rabbitmq_restart_mid_batch_is_survived_without_restarting_processes() -
     assert!(stack.api.as_mut().is_some_and(|a| a.alive()));
     assert!(stack.scheduler.as_mut().is_some_and(|s| s.alive()));
     assert_eq!(stack.ipfs().pins().await?.len(), 1000);
+    stack.db.check_tallies().await?;
     Ok(())
 }
 
@@ -215,6 +217,7 @@ async fn postgres_restart_mid_batch_answers_503_and_loses_nothing() -> anyhow::R
     for w in stack.workers.iter_mut() {
         assert!(w.alive(), "workers survive a database restart");
     }
+    stack.db.check_tallies().await?;
     Ok(())
 }
 
@@ -245,6 +248,7 @@ async fn ipfs_node_down_mid_batch_then_back_finishes_everything() -> anyhow::Res
     // no job comes near the batch's budget of 10.
     assert!(f.max_attempt <= 3, "max attempt {}", f.max_attempt);
     assert_eq!(stack.ipfs().pins().await?.len(), 600);
+    stack.db.check_tallies().await?;
     Ok(())
 }
 
@@ -356,6 +360,7 @@ async fn an_unprovided_cid_backs_off_then_fails_and_can_be_redriven() -> anyhow:
     assert_eq!(resp.status(), 202);
     let done = stack.wait_done(batch, Duration::from_secs(30)).await?;
     assert_eq!(done["counts"]["cancelled"], 1, "{done}");
+    stack.db.check_tallies().await?;
     Ok(())
 }
 
@@ -438,6 +443,7 @@ async fn sigterm_stops_a_loaded_worker_within_its_grace_and_strands_no_job() -> 
     assert_eq!((f.succeeded, f.lost, f.double_run), (1000, 0, 0));
     let stuck_counts = stack.state_counts(stuck_batch).await?;
     assert_eq!(stuck_counts.get("failed"), Some(&5), "{stuck_counts:?}");
+    stack.db.check_tallies().await?;
     Ok(())
 }
 
@@ -529,5 +535,6 @@ async fn a_worker_that_stops_heartbeating_is_reaped_long_before_its_leases_expir
     );
     let done = stack.wait_done(batch, Duration::from_secs(60)).await?;
     assert_eq!(done["counts"]["failed"], 3, "{done}");
+    stack.db.check_tallies().await?;
     Ok(())
 }

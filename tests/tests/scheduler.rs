@@ -620,5 +620,6 @@ async fn prune_deletes_old_finished_batches_and_keeps_the_rest() -> anyhow::Resu
         "the deleted jobs' attempts went with them"
     );
     assert_eq!(all_attempts, 4, "the kept batches' records stay");
+    stack.db.check_tallies().await?;
     Ok(())
 }

@@ -413,10 +413,14 @@ async fn tenants_pinning_one_cid_each_hold_a_reference() -> anyhow::Result<()> {
     assert_eq!(rows.len(), 1, "{v}");
     assert_eq!(rows[0]["owner"], "tenant-b");
     assert_eq!(rows[0]["owners"], json!(["tenant-b"]));
-    assert!(
-        rows[0]["name"].is_null() && rows[0]["job_id"].is_null(),
-        "{v}"
-    );
+    for hidden in ["name", "job_id", "pinned_at", "updated_at"] {
+        assert!(rows[0][hidden].is_null(), "{hidden}: {v}");
+    }
+    // A's own view has them.
+    let (_, v) = call(&stack, &a, Method::GET, "/v1/pin-index", None).await?;
+    for shown in ["name", "job_id", "pinned_at", "updated_at"] {
+        assert!(!v["pins"][0][shown].is_null(), "{shown}: {v}");
+    }
     // The admin sees both references.
     let v: Value = stack
         .req(Method::GET, "/v1/pin-index")
@@ -499,5 +503,6 @@ async fn tenants_pinning_one_cid_each_hold_a_reference() -> anyhow::Result<()> {
     run_batch(&stack, TOKEN, unpin(&z)).await?;
     assert!(!on_node(&stack, &z).await?);
     assert!(owners_of(&stack, &z).await?.is_empty());
+    stack.db.check_tallies().await?;
     Ok(())
 }
