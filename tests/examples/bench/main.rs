@@ -69,9 +69,13 @@ struct Opts {
     /// Offered load of the latency run, in jobs/s (sent as a batch every 10 ms).
     #[arg(long, default_value_t = 1000)]
     rate: usize,
-    /// How long the latency run offers its load.
+    /// How long the latency run offers its load and measures.
     #[arg(long, default_value_t = 15)]
     latency_secs: u64,
+    /// How long the latency run offers its load first without measuring it: the stack
+    /// opens its database connections and prepares its statements (reported apart).
+    #[arg(long, default_value_t = 2)]
+    latency_warmup_secs: u64,
     /// The double's latency range in the priority scenario, e.g. "20-40" ms.
     #[arg(long, default_value = "20-40")]
     priority_double_ms: String,
@@ -740,11 +744,14 @@ async fn e2e(opts: &Opts, workers: usize) -> anyhow::Result<Outcome> {
     })
 }
 
-/// Latency at a steady offered load: a batch every 10 ms for `latency_secs`.
+/// Latency at a steady offered load: a batch every 10 ms, `latency_warmup_secs` of warm-up
+/// (each database connection's first statements prepare them and their triggers' plans),
+/// then `latency_secs` measured.
 async fn latency(opts: &Opts) -> anyhow::Result<Outcome> {
     let s = BenchStack::start(opts, 1, opts.concurrency, Some(DoubleConfig::default())).await?;
     let per_tick = (opts.rate / 100).max(1);
-    let ticks = opts.latency_secs as usize * 100;
+    let warmup_ticks = opts.latency_warmup_secs as usize * 100;
+    let ticks = warmup_ticks + opts.latency_secs as usize * 100;
     let bodies = s.bodies(0, per_tick * ticks, per_tick, 5);
     let submitter = s.submitter();
     let watch = RssWatch::start(s.procs());
@@ -755,26 +762,31 @@ async fn latency(opts: &Opts) -> anyhow::Result<Outcome> {
     let mut skipped = 0usize;
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let t0 = Instant::now();
-    for body in bodies {
+    let mut t0 = Instant::now();
+    for (i, body) in bodies.into_iter().enumerate() {
         tick.tick().await;
+        if i == warmup_ticks {
+            t0 = Instant::now();
+        }
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            skipped += 1;
+            skipped += usize::from(i >= warmup_ticks);
             continue;
         };
         let (sub, tx) = (submitter.clone(), tx.clone());
         tokio::spawn(async move {
             let r = sub.send(body).await;
             drop(permit);
-            let _ = tx.send(r);
+            let _ = tx.send((i < warmup_ticks, r));
         });
     }
     drop(tx);
     let offer_wall = t0.elapsed();
     let mut sent = Vec::new();
+    let mut warmup = Vec::new();
     let mut errors = 0usize;
-    while let Some(r) = rx.recv().await {
+    while let Some((in_warmup, r)) = rx.recv().await {
         match r {
+            Ok(x) if in_warmup => warmup.push(x),
             Ok(x) => sent.push(x),
             Err(e) => {
                 errors += 1;
@@ -784,11 +796,12 @@ async fn latency(opts: &Opts) -> anyhow::Result<Outcome> {
             }
         }
     }
-    let total = (sent.len() * per_tick) as i64;
+    let total = ((sent.len() + warmup.len()) * per_tick) as i64;
     let batch_ids = ids(&sent);
+    let all_ids: Vec<Uuid> = batch_ids.iter().copied().chain(ids(&warmup)).collect();
     let drained = wait_finished(
         s.pool(),
-        &batch_ids,
+        &all_ids,
         total,
         Instant::now(),
         Duration::from_millis(50),
@@ -796,13 +809,81 @@ async fn latency(opts: &Opts) -> anyhow::Result<Outcome> {
     )
     .await?;
     let memory = watch.finish();
-    let sent_at: Vec<f64> = sent.iter().map(|x| x.sent_unix).collect();
     // created_at is the API transaction's start, started_at the claim's, finished_at the
     // worker's outcome statement's; "client" is from the moment the client sent the batch.
     // The two halves split submit->done at the claim: before it the batch's commit, the
     // publish and the delivery; after it the claim's commit, the backend call and the
     // wait for the completer.
-    let (n, q): (i64, Vec<Option<f64>>) = sqlx::query_as(
+    let (n, q) = latency_figures(s.pool(), &sent).await?;
+    let (warmup_n, wq) = latency_figures(s.pool(), &warmup).await?;
+    let at = |i: usize| q.get(i).copied().flatten();
+    let (p50, p90, p99, max, c50, c99, cmax) = (at(0), at(1), at(2), at(3), at(4), at(5), at(6));
+    let warm = |i: usize| wq.get(i).copied().flatten();
+    let offered = (sent.len() * per_tick) as f64 / offer_wall.as_secs_f64();
+    let mut took: Vec<f64> = sent.iter().map(|x| x.took.as_secs_f64() * 1000.0).collect();
+    took.sort_by(f64::total_cmp);
+    let f = |v: Option<f64>| v.unwrap_or(f64::NAN);
+    let mut metrics = vec![
+        Metric::new("latency", "offered load achieved", offered, "jobs/s"),
+        Metric::new(
+            "latency",
+            "submit->done p50 (created_at->finished_at)",
+            f(p50),
+            "ms",
+        )
+        .at_most(5.0),
+        Metric::new("latency", "submit->done p90", f(p90), "ms"),
+        Metric::new("latency", "submit->done p99", f(p99), "ms").at_most(25.0),
+        Metric::new("latency", "submit->done max", f(max), "ms"),
+        Metric::new("latency", "client send->done p50", f(c50), "ms"),
+        Metric::new("latency", "client send->done p99", f(c99), "ms"),
+        Metric::new("latency", "batch 202 p50", percentile(&took, 0.5), "ms"),
+        Metric::new("latency", "batch 202 p99", percentile(&took, 0.99), "ms"),
+        Metric::new(
+            "latency",
+            "warm-up (not counted above): submit->done p99",
+            f(warm(2)),
+            "ms",
+        ),
+    ];
+    if skipped > 0 || errors > 0 || !drained.complete {
+        metrics[0] = metrics[0].clone().note(format!(
+            "{skipped} ticks not offered, {errors} submits failed, {} of {total} finished",
+            drained.finished
+        ));
+    }
+    Ok(Outcome {
+        metrics,
+        details: json!({
+            "offered_jobs_per_s": opts.rate,
+            "batch_size": per_tick,
+            "seconds": opts.latency_secs,
+            "warmup_seconds": opts.latency_warmup_secs,
+            "jobs": n,
+            "ticks_not_offered": skipped,
+            "submit_errors": errors,
+            "ms_created_to_finished": {"p50": p50, "p90": p90, "p99": p99, "max": max},
+            "ms_client_send_to_finished": {"p50": c50, "p99": c99, "max": cmax},
+            "ms_created_to_started": {"p50": at(7), "p99": at(8)},
+            "ms_started_to_finished": {"p50": at(9), "p99": at(10)},
+            "warmup": {
+                "jobs": warmup_n,
+                "ms_created_to_finished": {"p50": warm(0), "p90": warm(1), "p99": warm(2), "max": warm(3)},
+            },
+            "batch_202_ms": {"p50": percentile(&took, 0.5), "p99": percentile(&took, 0.99), "max": percentile(&took, 1.0)},
+            "double_calls": s.double_counters(),
+            "memory": memory,
+            "loadavg_after": report::loadavg(),
+        }),
+    })
+}
+
+/// The latency percentiles of the succeeded jobs of `sent`'s batches: submit->done p50,
+/// p90, p99, max; from the client's send p50, p99, max; before the claim p50, p99; after
+/// it p50, p99 (all in ms), and how many jobs.
+async fn latency_figures(pool: &PgPool, sent: &[Sent]) -> anyhow::Result<(i64, Vec<Option<f64>>)> {
+    let sent_at: Vec<f64> = sent.iter().map(|x| x.sent_unix).collect();
+    Ok(sqlx::query_as(
         "WITH l AS (
              SELECT extract(epoch FROM j.finished_at - j.created_at)::float8 * 1000 AS db_ms,
                     (extract(epoch FROM j.finished_at)::float8 - s.sent) * 1000 AS client_ms,
@@ -826,58 +907,10 @@ async fn latency(opts: &Opts) -> anyhow::Result<Outcome> {
                       percentile_cont(0.99) WITHIN GROUP (ORDER BY claim_to_done_ms)]
          FROM l",
     )
-    .bind(&batch_ids)
+    .bind(ids(sent))
     .bind(&sent_at)
-    .fetch_one(s.pool())
-    .await?;
-    let at = |i: usize| q.get(i).copied().flatten();
-    let (p50, p90, p99, max, c50, c99, cmax) = (at(0), at(1), at(2), at(3), at(4), at(5), at(6));
-    let offered = (sent.len() * per_tick) as f64 / offer_wall.as_secs_f64();
-    let mut took: Vec<f64> = sent.iter().map(|x| x.took.as_secs_f64() * 1000.0).collect();
-    took.sort_by(f64::total_cmp);
-    let f = |v: Option<f64>| v.unwrap_or(f64::NAN);
-    let mut metrics = vec![
-        Metric::new("latency", "offered load achieved", offered, "jobs/s"),
-        Metric::new(
-            "latency",
-            "submit->done p50 (created_at->finished_at)",
-            f(p50),
-            "ms",
-        )
-        .at_most(5.0),
-        Metric::new("latency", "submit->done p90", f(p90), "ms"),
-        Metric::new("latency", "submit->done p99", f(p99), "ms").at_most(25.0),
-        Metric::new("latency", "submit->done max", f(max), "ms"),
-        Metric::new("latency", "client send->done p50", f(c50), "ms"),
-        Metric::new("latency", "client send->done p99", f(c99), "ms"),
-        Metric::new("latency", "batch 202 p50", percentile(&took, 0.5), "ms"),
-        Metric::new("latency", "batch 202 p99", percentile(&took, 0.99), "ms"),
-    ];
-    if skipped > 0 || errors > 0 || !drained.complete {
-        metrics[0] = metrics[0].clone().note(format!(
-            "{skipped} ticks not offered, {errors} submits failed, {} of {total} finished",
-            drained.finished
-        ));
-    }
-    Ok(Outcome {
-        metrics,
-        details: json!({
-            "offered_jobs_per_s": opts.rate,
-            "batch_size": per_tick,
-            "seconds": opts.latency_secs,
-            "jobs": n,
-            "ticks_not_offered": skipped,
-            "submit_errors": errors,
-            "ms_created_to_finished": {"p50": p50, "p90": p90, "p99": p99, "max": max},
-            "ms_client_send_to_finished": {"p50": c50, "p99": c99, "max": cmax},
-            "ms_created_to_started": {"p50": at(7), "p99": at(8)},
-            "ms_started_to_finished": {"p50": at(9), "p99": at(10)},
-            "batch_202_ms": {"p50": percentile(&took, 0.5), "p99": percentile(&took, 0.99), "max": percentile(&took, 1.0)},
-            "double_calls": s.double_counters(),
-            "memory": memory,
-            "loadavg_after": report::loadavg(),
-        }),
-    })
+    .fetch_one(pool)
+    .await?)
 }
 
 fn parse_range_ms(s: &str) -> anyhow::Result<Latency> {
