@@ -8,10 +8,16 @@
 --     submit-to-done latency bucket, for the last minutes' rates and percentiles.
 -- Each statement's rows go to the shard of its own backend process (`pg_backend_pid()`),
 -- and a backend runs one transaction at a time, so no two transactions ever write one
--- row: a busy claim or success never waits on another's tally (nor can two deadlock on
--- them). Once a minute the scheduler folds the rows of backends that have exited into
--- shard 0, which nothing else writes, and deletes old finishes (`pinq_fold_job_tallies`),
--- so both tables stay about as small as the number of connections times owners.
+-- row: a busy claim or success never waits on another's tally, nor can two deadlock on
+-- them. (Only the fold and a truncate of `jobs` write other sessions' rows.) Once a minute
+-- the scheduler folds the rows of backends that have exited into shard 0, which nothing
+-- else writes, and deletes finishes older than two minutes (`pinq_fold_job_tallies`), so
+-- `job_tallies` stays about as small as the number of connections times owners and
+-- states, and `job_finishes` holds two or three minutes of rows.
+--
+-- If the tallies ever disagree with the jobs (say after a data-only restore, whose COPY
+-- into `jobs` fires the insert trigger on top of the restored tallies),
+-- `SELECT pinq_recount_job_tallies()` counts them again.
 
 CREATE TABLE job_tallies (
     owner   text NOT NULL,
@@ -55,29 +61,31 @@ END
 $$;
 
 -- An update's changes: each row's state before counts -1, after +1, so an update that
--- changes no state adds nothing. A job whose row is `succeeded` or `failed` after and was
--- not before (or finished at another time) is a finish. One statement for both tables.
+-- changes no state adds nothing to the tallies. A finish is a row that is `succeeded` or
+-- `failed` after the update and was not, or finished at another time, before it.
+-- One statement for both tables.
 CREATE FUNCTION pinq_tally_updated_jobs() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    WITH delta AS (
-        SELECT owner, state, -1 AS d, finished_at, created_at FROM old_rows
-        UNION ALL
-        SELECT owner, state, 1, finished_at, created_at FROM new_rows
-    ), tallied AS (
+    WITH tallied AS (
         INSERT INTO job_tallies AS t (owner, state, shard, n)
-        SELECT owner, state, pg_backend_pid(), sum(d) FROM delta
+        SELECT owner, state, pg_backend_pid(), sum(d)
+        FROM (SELECT owner, state, -1 AS d FROM old_rows
+              UNION ALL
+              SELECT owner, state, 1 FROM new_rows) c
         GROUP BY owner, state HAVING sum(d) <> 0
         ON CONFLICT (owner, state, shard) DO UPDATE SET n = t.n + excluded.n
     )
     INSERT INTO job_finishes AS f (second, owner, state, bucket, shard, n, max_ms)
     SELECT date_trunc('second', finished_at), owner, state, pinq_latency_bucket(ms),
-           pg_backend_pid(), sum(d), max(ms)
-    FROM (SELECT owner, state, d, finished_at,
-                 extract(epoch FROM finished_at - created_at)::float8 * 1000 AS ms
-          FROM delta
-          WHERE state IN ('succeeded', 'failed') AND finished_at IS NOT NULL) x
-    GROUP BY 1, 2, 3, 4 HAVING sum(d) > 0
+           pg_backend_pid(), count(*), max(ms)
+    FROM (SELECT a.owner, a.state, a.finished_at,
+                 extract(epoch FROM a.finished_at - a.created_at)::float8 * 1000 AS ms
+          FROM new_rows a JOIN old_rows b ON b.id = a.id
+          WHERE a.state IN ('succeeded', 'failed') AND a.finished_at IS NOT NULL
+            AND (b.state IS DISTINCT FROM a.state
+                 OR b.finished_at IS DISTINCT FROM a.finished_at)) x
+    GROUP BY 1, 2, 3, 4
     ON CONFLICT (second, owner, state, bucket, shard)
     DO UPDATE SET n = f.n + excluded.n, max_ms = greatest(f.max_ms, excluded.max_ms);
     RETURN NULL;
@@ -99,14 +107,17 @@ CREATE FUNCTION pinq_tally_truncated_jobs() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     DELETE FROM job_tallies;
+    DELETE FROM job_finishes;
     RETURN NULL;
 END
 $$;
 
 -- Folds the tallies of backends that have exited into shard 0 and deletes finishes older
--- than ten minutes. A backend that exits between the look at `pg_stat_activity` and the
--- delete keeps its row until the next fold; a new backend that is given the pid of one
--- being folded waits for the fold's row lock, then writes a row of its own.
+-- than two minutes (only the last 60 s are read). A backend that exits between the look at
+-- `pg_stat_activity` and the delete keeps its row until the next fold; a new backend that
+-- is given the pid of one being folded waits for the fold's row lock, then writes a row of
+-- its own (a writer in REPEATABLE READ would instead fail to serialize and retry; pinq's
+-- writers of jobs run in READ COMMITTED).
 CREATE FUNCTION pinq_fold_job_tallies() RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -126,12 +137,28 @@ BEGIN
     )
     SELECT count(*) INTO folded FROM gone;
     DELETE FROM job_tallies WHERE shard = 0 AND n = 0;
-    DELETE FROM job_finishes WHERE second < now() - interval '10 minutes';
+    DELETE FROM job_finishes WHERE second < now() - interval '2 minutes';
     RETURN folded;
 END
 $$;
 
--- The starting tallies and the last ten minutes' finishes, read under a lock that keeps
+-- Counts the tallies again from the jobs, under a lock that keeps writers of `jobs` out
+-- meanwhile. Returns the number of jobs.
+CREATE FUNCTION pinq_recount_job_tallies() RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    total bigint;
+BEGIN
+    LOCK TABLE jobs IN SHARE ROW EXCLUSIVE MODE;
+    DELETE FROM job_tallies;
+    INSERT INTO job_tallies (owner, state, shard, n)
+    SELECT owner, state, 0, count(*) FROM jobs GROUP BY owner, state;
+    SELECT coalesce(sum(n), 0) INTO total FROM job_tallies;
+    RETURN total;
+END
+$$;
+
+-- The starting tallies and the last two minutes' finishes, read under a lock that keeps
 -- writers of `jobs` out until the triggers are in place.
 LOCK TABLE jobs IN SHARE ROW EXCLUSIVE MODE;
 
@@ -145,7 +172,7 @@ FROM (SELECT finished_at, owner, state,
              extract(epoch FROM finished_at - created_at)::float8 * 1000 AS ms
       FROM jobs
       WHERE state IN ('succeeded', 'failed')
-        AND finished_at >= now() - interval '10 minutes') f
+        AND finished_at >= now() - interval '2 minutes') f
 GROUP BY 1, 2, 3, 4;
 
 CREATE TRIGGER jobs_tally_insert

@@ -1741,12 +1741,22 @@ pub async fn list_workers(pool: &PgPool) -> Result<Vec<WorkerRow>, sqlx::Error> 
 }
 
 /// Folds the job tallies of database sessions that have ended into one row per owner and
-/// state, and deletes per-second finishes older than ten minutes (`pinq_fold_job_tallies`
-/// in the `job_tallies` migration). Returns how many rows were folded.
+/// state, and deletes per-second finishes older than two minutes (`pinq_fold_job_tallies`
+/// in the `job_tallies` migration). Returns how many rows were folded. It gives up rather
+/// than wait long for a lock (another scheduler folding, a truncate of `jobs`): the relay
+/// that calls it must get on with publishing.
 pub async fn fold_job_tallies(pool: &PgPool) -> Result<i64, sqlx::Error> {
-    let (folded,): (i64,) = sqlx::query_as("SELECT pinq_fold_job_tallies()")
-        .fetch_one(pool)
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL lock_timeout = '1s'")
+        .execute(&mut *tx)
         .await?;
+    sqlx::query("SET LOCAL statement_timeout = '10s'")
+        .execute(&mut *tx)
+        .await?;
+    let (folded,): (i64,) = sqlx::query_as("SELECT pinq_fold_job_tallies()")
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
     Ok(folded)
 }
 

@@ -25,8 +25,8 @@ pub struct JobCounts {
 }
 
 /// Recent throughput and latency, measured on `finished_at`, in whole seconds: the
-/// "last 10 s" are the current second and the 9 before it, the "last 60 s" the current
-/// second and the 59 before it.
+/// "last 10 s" are the 10 whole seconds before the current one, the "last 60 s" the 60
+/// before it (the current second, still filling, is left out).
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct Recent {
     pub succeeded_10s: i64,
@@ -117,10 +117,11 @@ pub fn percentile(buckets: &[LatencyBucket], q: f64, max_ms: f64) -> Option<f64>
 pub async fn recent(pool: &PgPool, owner: Option<&str>) -> Result<Recent, sqlx::Error> {
     let rows: Vec<(String, i16, bool, i64, f64)> = sqlx::query_as(
         "SELECT state, bucket,
-                second >= date_trunc('second', now()) - interval '9 seconds' AS last_10s,
+                second >= date_trunc('second', now()) - interval '10 seconds' AS last_10s,
                 sum(n)::int8, max(max_ms)
          FROM job_finishes
-         WHERE second >= date_trunc('second', now()) - interval '59 seconds'
+         WHERE second >= date_trunc('second', now()) - interval '60 seconds'
+           AND second < date_trunc('second', now())
            AND ($1::text IS NULL OR owner = $1)
          GROUP BY 1, 2, 3",
     )

@@ -156,19 +156,19 @@ impl Relay {
     /// do not depend on it: `GET /v1/stats` sums every session's rows.
     async fn fold_tallies(&self) -> anyhow::Result<()> {
         let now = tokio::time::Instant::now();
-        let due = self
-            .folded_at
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .is_none_or(|at| now.duration_since(at) >= FOLD_EVERY);
-        if !due {
-            return Ok(());
+        {
+            // Due or not, and taken for this minute before it runs: a fold that fails is
+            // tried again a minute later, not on every pass.
+            let mut at = self
+                .folded_at
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if at.is_some_and(|at| now.duration_since(at) < FOLD_EVERY) {
+                return Ok(());
+            }
+            *at = Some(now);
         }
         let folded = db::fold_job_tallies(&self.pool).await?;
-        *self
-            .folded_at
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(now);
         tracing::debug!(rows = folded, "folded the job tallies of ended sessions");
         Ok(())
     }

@@ -783,15 +783,19 @@ async fn latency(opts: &Opts) -> anyhow::Result<Outcome> {
     let offer_wall = t0.elapsed();
     let mut sent = Vec::new();
     let mut warmup = Vec::new();
-    let mut errors = 0usize;
+    let (mut errors, mut warmup_errors) = (0usize, 0usize);
     while let Some((in_warmup, r)) = rx.recv().await {
         match r {
             Ok(x) if in_warmup => warmup.push(x),
             Ok(x) => sent.push(x),
             Err(e) => {
-                errors += 1;
-                if errors == 1 {
+                if errors + warmup_errors == 0 {
                     eprintln!("latency: a submit failed: {e:#}");
+                }
+                if in_warmup {
+                    warmup_errors += 1;
+                } else {
+                    errors += 1;
                 }
             }
         }
@@ -868,6 +872,7 @@ async fn latency(opts: &Opts) -> anyhow::Result<Outcome> {
             "ms_started_to_finished": {"p50": at(9), "p99": at(10)},
             "warmup": {
                 "jobs": warmup_n,
+                "submit_errors": warmup_errors,
                 "ms_created_to_finished": {"p50": warm(0), "p90": warm(1), "p99": warm(2), "max": warm(3)},
             },
             "batch_202_ms": {"p50": percentile(&took, 0.5), "p99": percentile(&took, 0.99), "max": percentile(&took, 1.0)},
