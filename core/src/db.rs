@@ -1747,12 +1747,12 @@ pub async fn list_workers(pool: &PgPool) -> Result<Vec<WorkerRow>, sqlx::Error> 
 /// that calls it must get on with publishing.
 pub async fn fold_job_tallies(pool: &PgPool) -> Result<i64, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    sqlx::query("SET LOCAL lock_timeout = '1s'")
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("SET LOCAL statement_timeout = '10s'")
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "SELECT set_config('lock_timeout', '1s', true),
+                set_config('statement_timeout', '10s', true)",
+    )
+    .execute(&mut *tx)
+    .await?;
     let (folded,): (i64,) = sqlx::query_as("SELECT pinq_fold_job_tallies()")
         .fetch_one(&mut *tx)
         .await?;
