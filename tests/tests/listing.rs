@@ -492,3 +492,44 @@ async fn recent_percentiles_follow_the_jobs_and_a_recount_mends_the_tallies() ->
     db.check_tallies().await?;
     Ok(())
 }
+
+/// The tallies migration counts the jobs already there, and its triggers take over from
+/// that count: a database with jobs in several states before the migration agrees with
+/// its tallies after it, and after more changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tallies_migration_counts_the_jobs_already_there() -> anyhow::Result<()> {
+    let db = TestDb::create_migrated_to(20261127000010).await?;
+    let backend = db::insert_backend(&db.pool, "b", "kubo", "http://127.0.0.1:9").await?;
+    for owner in ["alice", "bob"] {
+        let jobs = (0..30).map(|s| job(backend.id, s, &random_cid())).collect();
+        store(&db, owner, jobs).await?;
+    }
+    sqlx::query(
+        "UPDATE jobs SET state = CASE WHEN seq < 10 THEN 'succeeded' ELSE 'failed' END,
+                         finished_at = now()
+         WHERE seq < 15",
+    )
+    .execute(&db.pool)
+    .await?;
+    db::MIGRATOR.run(&db.pool).await?;
+    db.check_tallies().await?;
+    let bob = stats::job_counts(&db.pool, Some("bob")).await?;
+    assert_eq!(
+        (bob.queued, bob.succeeded, bob.failed),
+        (15, 10, 5),
+        "{bob:?}"
+    );
+    // The finishes of the last two minutes were counted too.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let recent = stats::recent(&db.pool, None).await?;
+    assert_eq!(
+        (recent.succeeded_60s, recent.failed_60s),
+        (20, 10),
+        "{recent:?}"
+    );
+    sqlx::query("UPDATE jobs SET state = 'cancelled', finished_at = now() WHERE seq >= 25")
+        .execute(&db.pool)
+        .await?;
+    db.check_tallies().await?;
+    Ok(())
+}
