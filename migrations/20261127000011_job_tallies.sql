@@ -9,11 +9,12 @@
 -- Each statement's rows go to the shard of its own backend process (`pg_backend_pid()`),
 -- and a backend runs one transaction at a time, so no two transactions ever write one
 -- row: a busy claim or success never waits on another's tally, nor can two deadlock on
--- them. (Only the fold and a truncate of `jobs` write other sessions' rows.) Once a minute
--- the scheduler folds the rows of backends that have exited into shard 0, which nothing
--- else writes, and deletes finishes older than two minutes (`pinq_fold_job_tallies`), so
--- `job_tallies` stays about as small as the number of connections times owners and
--- states, and `job_finishes` holds two or three minutes of rows.
+-- them. (Only the fold, a recount and a truncate of `jobs` write other sessions' rows.)
+-- Once a minute the scheduler folds the rows of backends that have exited into shard 0,
+-- which only the fold and a recount write, and deletes finishes older than two minutes
+-- (`pinq_fold_job_tallies`), so `job_tallies` stays about as small as the number of
+-- connections times owners and states, and `job_finishes` holds two or three minutes of
+-- rows.
 --
 -- If the tallies ever disagree with the jobs (say after a data-only restore, whose COPY
 -- into `jobs` fires the insert trigger on top of the restored tallies),
