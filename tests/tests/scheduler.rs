@@ -478,12 +478,22 @@ async fn index_update_repairs_a_missing_pin_and_records_an_unmanaged_one() -> an
     stack.start_worker()?;
     stack.start_scheduler()?;
 
-    let cids = stack.ipfs().add_unpinned(&unique_contents(3)).await?;
-    let (lost, kept, stranger) = (&cids[0], &cids[1], &cids[2]);
+    let cids = stack.ipfs().add_unpinned(&unique_contents(4)).await?;
+    let (lost, kept, stranger, pending) = (&cids[0], &cids[1], &cids[2], &cids[3]);
     let batch = stack
         .submit_ok(&json!({"backends": ["local"], "ops": [{"op": "pin", "cid": lost}, {"op": "pin", "cid": kept}]}))
         .await?;
     stack.wait_done(batch, Duration::from_secs(60)).await?;
+
+    // A pin job that has not finished yet, whose CID the node already holds (as when the
+    // node has pinned it and the success is not written yet): the job will settle it,
+    // so the index update leaves it alone rather than record it as nobody's.
+    let mut worker = stack.workers.remove(0);
+    worker.terminate(Duration::from_secs(10)).await;
+    let pending_batch = stack
+        .submit_ok(&json!({"backends": ["local"], "ops": [{"op": "pin", "cid": pending}]}))
+        .await?;
+    stack.ipfs().pin_direct(pending, true).await?;
 
     // Behind pinq's back: unpin one of its pins, pin something it does not know.
     stack.ipfs().pin_direct(lost, false).await?;
@@ -491,7 +501,7 @@ async fn index_update_repairs_a_missing_pin_and_records_an_unmanaged_one() -> an
 
     let (status, output) = run_now(&stack, "index-update").await?;
     assert_eq!(status, "succeeded", "{output}");
-    assert_eq!(output["listed"], 2, "{output}");
+    assert_eq!(output["listed"], 3, "{output}");
     assert_eq!(output["verified"], 1, "{output}");
     assert_eq!(output["missing"], 1, "{output}");
     assert_eq!(output["newly_missing"], 1, "{output}");
@@ -506,6 +516,25 @@ async fn index_update_repairs_a_missing_pin_and_records_an_unmanaged_one() -> an
             .fetch_one(&stack.db.pool)
             .await?;
     assert_eq!((st.as_str(), owner), ("unmanaged", None));
+    let pending_key = canonical_of(pending).expect("valid");
+    let (rows,): (i64,) = sqlx::query_as("SELECT count(*) FROM pins WHERE cid = $1")
+        .bind(&pending_key)
+        .fetch_one(&stack.db.pool)
+        .await?;
+    assert_eq!(rows, 0, "a CID with a pending job is not recorded");
+
+    // The worker is back: the pending job pins it for its owner.
+    stack.start_worker()?;
+    let done = stack
+        .wait_done(pending_batch, Duration::from_secs(60))
+        .await?;
+    assert_eq!(done["counts"]["succeeded"], 1, "{done}");
+    let (st, owner): (String, Option<String>) =
+        sqlx::query_as("SELECT status, owner FROM pins WHERE cid = $1")
+            .bind(&pending_key)
+            .fetch_one(&stack.db.pool)
+            .await?;
+    assert_eq!((st.as_str(), owner.as_deref()), ("pinned", Some("admin")));
 
     // The repair job: low priority, the pin's owner, and it pins the CID again.
     let lost_key = canonical_of(lost).expect("valid");

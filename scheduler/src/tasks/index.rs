@@ -239,6 +239,7 @@ async fn reconcile(
         "INSERT INTO pins (backend_id, cid, owner, status, pinned_at, verified_at)
          SELECT $1, s.cid, NULL, 'unmanaged', now(), now() FROM pinq_scan s
          WHERE NOT EXISTS (SELECT 1 FROM pins p WHERE p.backend_id = $1 AND p.cid = s.cid)
+           AND NOT EXISTS (SELECT 1 FROM pinq_busy b WHERE b.cid = s.cid)
          ON CONFLICT (backend_id, cid) DO NOTHING",
     )
     .bind(t.id)
