@@ -3,8 +3,9 @@
 //!
 //! Outcome writes are fenced: they apply only `WHERE lease_owner = me AND attempt = n AND
 //! state = 'running'`, so a worker that was presumed dead can never overwrite a newer
-//! attempt. Each write that changes a job's state also closes its `job_attempts` row in
-//! the same statement or transaction.
+//! attempt. An attempt that ends in success is recorded on the job's row (`succeeded_by`,
+//! with `attempt`, `started_at` and `finished_at`); one that ends any other way gets its
+//! `job_attempts` record in the same statement or transaction as the job's new state.
 
 use std::time::Duration;
 
@@ -642,10 +643,11 @@ pub enum Outcome {
     Cancelled,
 }
 
-/// Writes an attempt's outcome, fenced by (lease_owner, attempt), and the attempt's record.
-/// Returns `false` if the lease was no longer this worker's (nothing was written). On
-/// success the pin index is updated in the same transaction; a job handed back to the
-/// queue is owed a new message (the relay publishes it).
+/// Writes an attempt's outcome, fenced by (lease_owner, attempt), and the attempt's record
+/// (a success's record is the job's row). Returns `false` if the lease was no longer this
+/// worker's (nothing was written). On success the pin index is updated in the same
+/// transaction; a job handed back to the queue is owed a new message (the relay publishes
+/// it).
 pub async fn finish_job(
     pool: &PgPool,
     job: &ClaimedJob,
@@ -671,6 +673,7 @@ pub async fn finish_job(
         "UPDATE jobs
          SET state = CASE WHEN cancel_requested AND $4 IN ('retry_wait', 'queued')
                           THEN 'cancelled' ELSE $4 END,
+             succeeded_by = CASE WHEN $4 = 'succeeded' THEN lease_owner END,
              lease_owner = NULL, updated_at = now(),
              attempt = CASE WHEN $7 THEN attempt - 1 ELSE attempt END,
              last_error = CASE WHEN $4 = 'succeeded' THEN NULL ELSE coalesce($5, last_error) END,
@@ -696,14 +699,15 @@ pub async fn finish_job(
         return Ok(false);
     };
     // A deferred attempt never called the backend: it is not recorded, and its number is
-    // given back above. (A record the claim opened under the old scheme is removed.)
+    // given back above. (A record the claim opened under the old scheme is removed.) A
+    // success is recorded on the row.
     if deferred {
         sqlx::query("DELETE FROM job_attempts WHERE job_id = $1 AND attempt = $2")
             .bind(job.id)
             .bind(job.attempt)
             .execute(&mut *tx)
             .await?;
-    } else {
+    } else if *outcome != Outcome::Succeeded {
         record_attempts(&mut tx, &[job], worker_id, attempt_outcome, error).await?;
     }
     // Messages are acknowledged once their jobs are claimed, so a job handed back to the
@@ -719,9 +723,10 @@ pub async fn finish_job(
 }
 
 /// Records many successful attempts at once, fenced like [`finish_job`], with their
-/// attempt records and pin-index changes: one statement whatever their number (or, when
-/// two of them touch the same pin, one transaction applying those in order). Returns the
-/// ids that were written; the others had lost their lease.
+/// pin-index changes: one statement whatever their number (or, when two of them touch the
+/// same pin, one transaction applying those in order). Each success is recorded on its
+/// job's row, as no record in `job_attempts` would add anything to it. Returns the ids
+/// that were written; the others had lost their lease.
 pub async fn finish_succeeded(
     pool: &PgPool,
     jobs: &[&ClaimedJob],
@@ -738,19 +743,10 @@ pub async fn finish_succeeded(
     let writes = PinWrites::of(&changes);
     let ids: Vec<Uuid> = jobs.iter().map(|j| j.id).collect();
     let attempts: Vec<i32> = jobs.iter().map(|j| j.attempt).collect();
-    let started: Vec<DateTime<Utc>> = jobs.iter().map(|j| j.started_at).collect();
     let written: Vec<(Uuid,)> = sqlx::query_as(AssertSqlSafe(format!(
         // Every write after `done` joins it, so a job whose lease was lost writes nothing.
         "WITH {locked}, done AS (
              {SUCCEED}
-         ), attempts AS (
-             INSERT INTO job_attempts (job_id, attempt, worker_id, started_at, finished_at,
-                                       outcome, error)
-             SELECT t.id, t.attempt, $13, t.started_at, now(), 'succeeded', NULL
-             FROM UNNEST($11::uuid[], $12::int4[], $14::timestamptz[]) AS t(id, attempt, started_at)
-             JOIN done ON done.id = t.id
-             ON CONFLICT (job_id, attempt) DO UPDATE
-             SET finished_at = EXCLUDED.finished_at, outcome = EXCLUDED.outcome, error = NULL
          ), upserts AS (
              {upsert}
          ), releases AS (
@@ -777,7 +773,6 @@ pub async fn finish_succeeded(
     .bind(&ids)
     .bind(&attempts)
     .bind(worker_id)
-    .bind(&started)
     .fetch_all(pool)
     .await?;
     let written: std::collections::HashSet<Uuid> = written.into_iter().map(|(id,)| id).collect();
@@ -800,10 +795,11 @@ fn fenced_locked(ids: &str, attempts: &str, worker: &str) -> String {
     )
 }
 
-/// Marks the `locked` jobs succeeded; returns their ids.
+/// Marks the `locked` jobs succeeded, each by the worker whose lease it was under (the
+/// attempt's record); returns their ids.
 const SUCCEED: &str = "UPDATE jobs j
-     SET state = 'succeeded', lease_owner = NULL, last_error = NULL,
-         finished_at = now(), updated_at = now()
+     SET state = 'succeeded', succeeded_by = j.lease_owner, lease_owner = NULL,
+         last_error = NULL, finished_at = now(), updated_at = now()
      FROM locked WHERE j.id = locked.id
      RETURNING j.id";
 
@@ -833,14 +829,13 @@ async fn finish_succeeded_in_order(
         .copied()
         .filter(|j| written.contains(&j.id))
         .collect();
-    record_attempts(&mut tx, &done, worker_id, "succeeded", None).await?;
     update_pin_index(&mut tx, &done).await?;
     tx.commit().await?;
     Ok(done.iter().map(|j| j.id).collect())
 }
 
-/// Writes the records of attempts that just ended, one statement for all. A record the
-/// claim opened under the old scheme is closed in place.
+/// Writes the records of attempts that just ended other than in success, one statement
+/// for all. A record the claim opened under the old scheme is closed in place.
 async fn record_attempts(
     conn: &mut PgConnection,
     jobs: &[&ClaimedJob],
@@ -1517,7 +1512,8 @@ pub struct AttemptRow {
     pub error: Option<String>,
 }
 
-/// A job's attempts, the running one (which has no record until it ends) included.
+/// A job's attempts: their records, and from the job's row the running attempt (which has
+/// no record until it ends) and the successful one (whose record is the row).
 pub async fn job_attempts(pool: &PgPool, job_id: Uuid) -> Result<Vec<AttemptRow>, sqlx::Error> {
     sqlx::query_as(
         "SELECT attempt, worker_id, started_at, finished_at, outcome, error
@@ -1527,6 +1523,10 @@ pub async fn job_attempts(pool: &PgPool, job_id: Uuid) -> Result<Vec<AttemptRow>
          WHERE j.id = $1 AND j.state = 'running'
            AND NOT EXISTS (SELECT 1 FROM job_attempts a
                            WHERE a.job_id = j.id AND a.attempt = j.attempt)
+         UNION ALL
+         SELECT j.attempt, j.succeeded_by, j.started_at, j.finished_at, 'succeeded', NULL
+         FROM jobs j
+         WHERE j.id = $1 AND j.state = 'succeeded' AND j.succeeded_by IS NOT NULL
          ORDER BY attempt",
     )
     .bind(job_id)

@@ -1053,24 +1053,42 @@ impl Stack {
     /// The figures every fault test prints and checks: what was submitted, and how the
     /// jobs ended according to PostgreSQL.
     pub async fn figures(&self, batches: &[Uuid], submitted: i64) -> anyhow::Result<Figures> {
-        let (succeeded, failed, unfinished, stored): (i64, i64, i64, i64) = sqlx::query_as(
-            "SELECT count(*) FILTER (WHERE state = 'succeeded'),
-                    count(*) FILTER (WHERE state = 'failed'),
-                    count(*) FILTER (WHERE state NOT IN ('succeeded', 'failed', 'cancelled')),
-                    count(*)
-             FROM jobs WHERE batch_id = ANY($1)",
-        )
-        .bind(batches)
-        .fetch_one(&self.db.pool)
-        .await?;
+        let (succeeded, failed, unfinished, stored, unattributed): (i64, i64, i64, i64, i64) =
+            sqlx::query_as(
+                "SELECT count(*) FILTER (WHERE state = 'succeeded'),
+                        count(*) FILTER (WHERE state = 'failed'),
+                        count(*) FILTER (WHERE state NOT IN ('succeeded', 'failed', 'cancelled')),
+                        count(*),
+                        count(*) FILTER (WHERE state = 'succeeded' AND succeeded_by IS NULL)
+                 FROM jobs WHERE batch_id = ANY($1)",
+            )
+            .bind(batches)
+            .fetch_one(&self.db.pool)
+            .await?;
+        anyhow::ensure!(
+            unattributed == 0,
+            "{unattributed} succeeded job(s) do not name the worker that ran them"
+        );
+        // An attempt ends once: with a record in `job_attempts`, or as the success on the
+        // job's row (`succeeded_by`). A job counts as run twice if it succeeded more than
+        // once, or if the attempt its row calls successful was also ended another way (the
+        // relay took it back as lost, say, and the fence still let its success through).
         let (double_run, attempts, max_attempt): (i64, i64, i32) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM (
-                        SELECT a.job_id FROM job_attempts a JOIN jobs j ON j.id = a.job_id
-                        WHERE j.batch_id = ANY($1) AND a.outcome = 'succeeded'
-                        GROUP BY a.job_id HAVING count(*) > 1) d),
-                    (SELECT count(*) FROM job_attempts a JOIN jobs j ON j.id = a.job_id
-                     WHERE j.batch_id = ANY($1)),
-                    (SELECT coalesce(max(attempt), 0) FROM jobs WHERE batch_id = ANY($1))",
+            "SELECT count(*) FILTER (WHERE successes > 1 OR closed_twice),
+                    coalesce(sum(records + (succeeded_by IS NOT NULL)::int), 0)::int8,
+                    coalesce(max(attempt), 0)
+             FROM (
+                 SELECT j.attempt, j.succeeded_by,
+                        (SELECT count(*) FROM job_attempts a WHERE a.job_id = j.id) AS records,
+                        (SELECT count(*) FROM job_attempts a
+                         WHERE a.job_id = j.id AND a.outcome = 'succeeded')
+                            + (j.succeeded_by IS NOT NULL)::int AS successes,
+                        j.succeeded_by IS NOT NULL
+                            AND EXISTS (SELECT 1 FROM job_attempts a
+                                        WHERE a.job_id = j.id AND a.attempt = j.attempt)
+                            AS closed_twice
+                 FROM jobs j WHERE j.batch_id = ANY($1)
+             ) per_job",
         )
         .bind(batches)
         .fetch_one(&self.db.pool)
@@ -1095,8 +1113,10 @@ pub struct Figures {
     pub succeeded: i64,
     pub failed: i64,
     pub lost: i64,
-    /// Jobs recorded as succeeded by more than one attempt.
+    /// Jobs recorded as succeeded by more than one attempt, or whose successful attempt
+    /// was also ended another way.
     pub double_run: i64,
+    /// Attempts that ended: records, and successes on the jobs' rows.
     pub attempts: i64,
     pub max_attempt: i32,
 }

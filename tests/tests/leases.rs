@@ -45,6 +45,7 @@ async fn no_index_of_jobs_names_a_column_that_claims_or_successes_change() -> an
         "updated_at",
         "finished_at",
         "last_error",
+        "succeeded_by",
     ];
     // The columns each index of `jobs` names, in its key, its expressions or its predicate.
     let named: Vec<(String, String)> = sqlx::query_as(

@@ -116,8 +116,8 @@ async fn pin_unpin_pin(stack: &Stack) -> anyhow::Result<i64> {
 
     // Each key's jobs ran one after another, in submission order, once each.
     let rows: Vec<Ran> = sqlx::query_as(
-        "SELECT j.cid_key, j.replaces_key, j.attempt, a.started_at, a.finished_at
-         FROM jobs j JOIN job_attempts a ON a.job_id = j.id AND a.outcome = 'succeeded'
+        "SELECT j.cid_key, j.replaces_key, j.attempt, j.started_at, j.finished_at
+         FROM jobs j WHERE j.state = 'succeeded' AND j.succeeded_by IS NOT NULL
          ORDER BY j.submit_seq",
     )
     .fetch_all(&stack.db.pool)

@@ -188,18 +188,28 @@ async fn a_group_of_successes_writes_only_what_its_lease_still_covers() -> anyho
         "a lost lease writes no pin"
     );
     assert_eq!(pin_row(&db, backend.id, C).await?, None, "C was unpinned");
-    let attempts: Vec<(Uuid, i32, String)> = sqlx::query_as(
-        "SELECT job_id, attempt, outcome FROM job_attempts WHERE job_id = ANY($1) ORDER BY job_id",
-    )
-    .bind(&ids)
-    .fetch_all(&db.pool)
-    .await?;
-    let mut expected = vec![
-        (ids[0], 1, "succeeded".to_owned()),
-        (ids[2], 1, "succeeded".to_owned()),
-    ];
-    expected.sort();
-    assert_eq!(attempts, expected, "one record per written attempt");
+    // A written success is its job's record, naming the worker; B's attempt is not over.
+    let mut listed = Vec::new();
+    for id in &ids {
+        let attempts = db::job_attempts(&db.pool, *id).await?;
+        listed.push(
+            attempts
+                .into_iter()
+                .map(|a| (a.attempt, a.worker_id, a.outcome, a.finished_at.is_some()))
+                .collect::<Vec<_>>(),
+        );
+    }
+    let success = vec![(1, worker, Some("succeeded".to_owned()), true)];
+    assert_eq!(
+        listed,
+        vec![success.clone(), vec![], success],
+        "one attempt listed per written success"
+    );
+    assert_eq!(
+        db.count("job_attempts").await,
+        0,
+        "a success writes no record"
+    );
     Ok(())
 }
 
@@ -243,7 +253,16 @@ async fn successes_that_touch_one_pin_are_applied_in_order() -> anyhow::Result<(
         pin_row(&db, backend.id, V0).await?,
         Some(("alice".into(), ids[1]))
     );
-    assert_eq!(db.count("job_attempts").await, 4);
+    let (by_worker,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM jobs WHERE state = 'succeeded' AND succeeded_by = $1")
+            .bind(worker)
+            .fetch_one(&db.pool)
+            .await?;
+    assert_eq!(
+        by_worker, 4,
+        "each success applied in order names its worker"
+    );
+    assert_eq!(db.count("job_attempts").await, 0, "and writes no record");
 
     // Bob pins it too. Then Alice's group unpins (the v1 spelling) and pins again (V0),
     // one job at a time: her reference is released while Bob's keeps the row and takes
@@ -743,5 +762,74 @@ async fn the_pin_owners_migration_records_the_holders_the_old_index_missed() -> 
     let flagged: Vec<usize> = (0..ids.len()).filter(|n| flags[&ids[*n]]).collect();
     // Zed's failed unpin and Jo's pending removals; not finished ones, pins, nor Bob's.
     assert_eq!(flagged, [6, 8, 9, 10]);
+    Ok(())
+}
+
+/// A job's successful attempt is recorded on its row (`succeeded_by`), not in
+/// `job_attempts`. The migration that made it so keeps the records of earlier successes
+/// and drops a record the first scheme's claim opened for an attempt still running, whose
+/// record is now its row; the listing then shows each attempt once, either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn successes_are_listed_once_from_their_records_or_their_rows() -> anyhow::Result<()> {
+    let db = TestDb::create_migrated_to(20261127000011).await?;
+    let backend = db::insert_backend(&db.pool, "b", "kubo", "http://127.0.0.1:9").await?;
+    let jobs = (0..4)
+        .map(|s| job(backend.id, s, Op::Pin, &random_cid()))
+        .collect();
+    let (_, ids) = store(&db, "alice", jobs).await?;
+    let worker = Uuid::now_v7();
+    let claimed = claim(&db, &ids, worker).await?;
+    assert_eq!(claimed.len(), 4);
+    // Before the migration: job 0 succeeded with a record, as successes were written then;
+    // job 1 has a record opened by a claim of the first scheme; jobs 2 and 3 just run.
+    sqlx::query(
+        "WITH done AS (
+             UPDATE jobs SET state = 'succeeded', lease_owner = NULL, finished_at = now()
+             WHERE id = $1 RETURNING id, attempt, started_at, finished_at
+         )
+         INSERT INTO job_attempts (job_id, attempt, worker_id, started_at, finished_at, outcome)
+         SELECT id, attempt, $3, started_at, finished_at, 'succeeded' FROM done
+         UNION ALL
+         SELECT id, attempt, $3, started_at, NULL, NULL FROM jobs WHERE id = $2",
+    )
+    .bind(ids[0])
+    .bind(ids[1])
+    .bind(worker)
+    .execute(&db.pool)
+    .await?;
+    db::MIGRATOR.run(&db.pool).await?;
+
+    let listed = |id: Uuid| {
+        let pool = db.pool.clone();
+        async move {
+            let rows = db::job_attempts(&pool, id).await?;
+            anyhow::Ok(
+                rows.into_iter()
+                    .map(|a| (a.attempt, a.worker_id, a.outcome, a.finished_at.is_some()))
+                    .collect::<Vec<_>>(),
+            )
+        }
+    };
+    let success = vec![(1, worker, Some("succeeded".to_owned()), true)];
+    let running = vec![(1, worker, None, false)];
+    assert_eq!(listed(ids[0]).await?, success, "the old record is kept");
+    assert_eq!(listed(ids[1]).await?, running, "the open record is gone");
+    assert_eq!(listed(ids[2]).await?, running);
+
+    // Jobs 1 and 2 succeed now as a group, job 3 alone: on their rows, with no new record.
+    let group = vec![&claimed[1], &claimed[2]];
+    assert_eq!(
+        db::finish_succeeded(&db.pool, &group, worker).await?,
+        vec![ids[1], ids[2]]
+    );
+    assert!(db::finish_job(&db.pool, &claimed[3], worker, &db::Outcome::Succeeded).await?);
+    for id in &ids {
+        assert_eq!(listed(*id).await?, success);
+    }
+    assert_eq!(
+        db.count("job_attempts").await,
+        1,
+        "only the old success's record"
+    );
     Ok(())
 }

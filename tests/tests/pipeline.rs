@@ -301,12 +301,16 @@ async fn a_duplicate_delivery_does_not_run_the_job_twice() -> anyhow::Result<()>
         .fetch_one(&stack.db.pool)
         .await?;
     assert_eq!(attempt, 1, "the job was claimed once");
-    let (attempt_rows,): (i64,) =
-        sqlx::query_as("SELECT count(*) FROM job_attempts WHERE job_id = $1")
-            .bind(job_id)
-            .fetch_one(&stack.db.pool)
-            .await?;
-    assert_eq!(attempt_rows, 1, "one attempt recorded");
+    let attempts = pinq_core::db::job_attempts(&stack.db.pool, job_id).await?;
+    let outcomes: Vec<(i32, Option<String>)> = attempts
+        .into_iter()
+        .map(|a| (a.attempt, a.outcome))
+        .collect();
+    assert_eq!(
+        outcomes,
+        vec![(1, Some("succeeded".to_owned()))],
+        "one attempt, a success"
+    );
     let _ = conn.close(200, "bye".into()).await;
     Ok(())
 }
@@ -559,8 +563,17 @@ async fn jobs_and_attempts_are_readable() -> anyhow::Result<()> {
         .await?;
     assert_eq!(job["state"], "succeeded");
     assert_eq!(job["backend"], "local");
+    assert_eq!(job["attempts"].as_array().map(Vec::len), Some(1), "{job}");
     assert_eq!(job["attempts"][0]["attempt"], 1);
     assert_eq!(job["attempts"][0]["outcome"], "succeeded");
+    let (worker,): (Uuid,) = sqlx::query_as("SELECT id FROM workers")
+        .fetch_one(&stack.db.pool)
+        .await?;
+    assert_eq!(job["attempts"][0]["worker_id"], worker.to_string(), "{job}");
+    assert_eq!(
+        job["attempts"][0]["finished_at"], job["finished_at"],
+        "the success is the job's own record: {job}"
+    );
 
     let missing = stack
         .req(

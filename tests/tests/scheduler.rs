@@ -614,13 +614,28 @@ async fn prune_deletes_old_finished_batches_and_keeps_the_rest() -> anyhow::Resu
     .execute(&stack.db.pool)
     .await?;
 
+    // A success is recorded on its job's row; give every job an earlier attempt that was
+    // retried, so each has a record in `job_attempts` as well, as a worker writes it.
+    sqlx::query(
+        "WITH again AS (
+             UPDATE jobs SET attempt = attempt + 1 WHERE succeeded_by IS NOT NULL
+             RETURNING id, succeeded_by, started_at
+         )
+         INSERT INTO job_attempts (job_id, attempt, worker_id, started_at, finished_at,
+                                   outcome, error)
+         SELECT id, 1, succeeded_by, started_at - interval '2 seconds',
+                started_at - interval '1 second', 'retry', 'a transient error'
+         FROM again",
+    )
+    .execute(&stack.db.pool)
+    .await?;
     let (old_records,): (i64,) = sqlx::query_as(
         "SELECT count(*) FROM job_attempts a JOIN jobs j ON j.id = a.job_id WHERE j.batch_id = $1",
     )
     .bind(old)
     .fetch_one(&stack.db.pool)
     .await?;
-    assert_eq!(old_records, 2, "the old batch's jobs each ran once");
+    assert_eq!(old_records, 2, "the old batch's jobs each have a record");
 
     let (status, output) = run_now(&stack, "prune").await?;
     assert_eq!(status, "succeeded", "{output}");

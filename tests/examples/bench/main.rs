@@ -689,11 +689,11 @@ async fn e2e(opts: &Opts, workers: usize) -> anyhow::Result<Outcome> {
         ),
     ];
     // How evenly the worker processes shared the jobs: successes per worker, from the
-    // attempt records (each names its worker).
+    // jobs' rows (each success names its worker).
     let shares: Vec<(i64,)> = sqlx::query_as(
-        "SELECT count(*) FROM job_attempts a JOIN jobs j ON j.id = a.job_id
-         WHERE j.batch_id = ANY($1) AND a.outcome = 'succeeded'
-         GROUP BY a.worker_id ORDER BY 1 DESC",
+        "SELECT count(*) FROM jobs
+         WHERE batch_id = ANY($1) AND state = 'succeeded'
+         GROUP BY succeeded_by ORDER BY 1 DESC",
     )
     .bind(&batch_ids)
     .fetch_all(s.pool())
