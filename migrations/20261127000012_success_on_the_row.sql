@@ -9,9 +9,9 @@
 -- attempt from the row.
 --
 -- Writing a record per success was about a fifth of the success statement (a heap row,
--- a primary-key entry and their WAL for every job; `bench/success-replay/run.sh`), about
--- 6 % of the WAL of a job's whole run, and 3 to 6 % of the end-to-end rate
--- (docs/performance.md).
+-- a primary-key entry and their WAL for every job; `bench/success-replay/run.sh`) and
+-- about 6 % of the WAL of a job's whole run; without it the end-to-end rate gained 3 to
+-- 6 %, within the benchmark's noise (docs/performance.md).
 --
 -- Successes written before this migration keep their records, and `succeeded_by` NULL.
 ALTER TABLE jobs ADD COLUMN succeeded_by uuid;

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# What the attempt record costs a group of successes: replays, with pgbench, the shape of
-# the worker's success statement (the fenced update of 32 running jobs, their attempt
-# records and their pin-index upserts, as data-modifying CTEs) against the same statement
-# without the attempt records, on 100,000 running jobs (docs/performance.md).
+# What the attempt record costs a group of successes: replays, with pgbench, the shape the
+# worker's success statement had until successes were recorded on the job's row (the
+# fenced update of 32 running jobs, their attempt records and their pin-index upserts, as
+# data-modifying CTEs) against the same statement without the attempt records, on 100,000
+# running jobs (docs/performance.md). The second is close to today's statement, which
+# also sets `succeeded_by`.
 #
 #   bench/success-replay/run.sh        # 3 runs of each, 4 clients, 32 jobs a statement
 #

@@ -479,8 +479,9 @@ impl ClaimedJob {
 /// `queued` (the relay republishing a job that waited long, a cancel or a re-drive under
 /// way) must not cost a good delivery. Rows are locked in id order, as the other hot-path
 /// writers of jobs do, so claims of overlapping messages queue behind each other instead
-/// of deadlocking. The attempt's record is written when it ends (see [`finish_job`]);
-/// until then the job's row is the record of the running attempt. No column an index of
+/// of deadlocking. The attempt's record is written when it ends (see [`finish_job`]),
+/// unless it succeeds; until then the job's row is the record of the running attempt,
+/// and after a success it stays the record of that attempt. No column an index of
 /// `jobs` names changes, so the rows are updated in place (see the `hot_jobs` migration).
 ///
 /// Jobs on one key (backend, and the canonical form of either CID a job touches) run one

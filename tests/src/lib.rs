@@ -1071,10 +1071,13 @@ impl Stack {
         );
         // An attempt ends once: with a record in `job_attempts`, or as the success on the
         // job's row (`succeeded_by`). A job counts as run twice if it succeeded more than
-        // once, or if the attempt its row calls successful was also ended another way (the
-        // relay took it back as lost, say, and the fence still let its success through).
+        // once, if the attempt its row calls successful was also ended another way (the
+        // relay took it back as lost, say, and the fence still let its success through),
+        // or if an attempt before its successful one has no record: every other ending
+        // writes one (a deferral gives its number back), so a gap is an earlier success
+        // that a later one overwrote.
         let (double_run, attempts, max_attempt): (i64, i64, i32) = sqlx::query_as(
-            "SELECT count(*) FILTER (WHERE successes > 1 OR closed_twice),
+            "SELECT count(*) FILTER (WHERE successes > 1 OR closed_twice OR gap),
                     coalesce(sum(records + (succeeded_by IS NOT NULL)::int), 0)::int8,
                     coalesce(max(attempt), 0)
              FROM (
@@ -1086,7 +1089,12 @@ impl Stack {
                         j.succeeded_by IS NOT NULL
                             AND EXISTS (SELECT 1 FROM job_attempts a
                                         WHERE a.job_id = j.id AND a.attempt = j.attempt)
-                            AS closed_twice
+                            AS closed_twice,
+                        j.succeeded_by IS NOT NULL
+                            AND (SELECT count(*) FROM job_attempts a
+                                 WHERE a.job_id = j.id AND a.attempt < j.attempt)
+                                <> j.attempt - 1
+                            AS gap
                  FROM jobs j WHERE j.batch_id = ANY($1)
              ) per_job",
         )
@@ -1113,8 +1121,8 @@ pub struct Figures {
     pub succeeded: i64,
     pub failed: i64,
     pub lost: i64,
-    /// Jobs recorded as succeeded by more than one attempt, or whose successful attempt
-    /// was also ended another way.
+    /// Jobs recorded as succeeded by more than one attempt, whose successful attempt was
+    /// also ended another way, or with an earlier attempt that left no record.
     pub double_run: i64,
     /// Attempts that ended: records, and successes on the jobs' rows.
     pub attempts: i64,

@@ -605,15 +605,6 @@ async fn prune_deletes_old_finished_batches_and_keeps_the_rest() -> anyhow::Resu
     .bind(vec![old, unfinished])
     .execute(&stack.db.pool)
     .await?;
-    sqlx::query(
-        "UPDATE jobs SET state = 'retry_wait', finished_at = NULL,
-                retry_at = now() + interval '1 day', run_at = now() + interval '1 day'
-         WHERE id = (SELECT id FROM jobs WHERE batch_id = $1 ORDER BY seq LIMIT 1)",
-    )
-    .bind(unfinished)
-    .execute(&stack.db.pool)
-    .await?;
-
     // A success is recorded on its job's row; give every job an earlier attempt that was
     // retried, so each has a record in `job_attempts` as well, as a worker writes it.
     sqlx::query(
@@ -629,6 +620,15 @@ async fn prune_deletes_old_finished_batches_and_keeps_the_rest() -> anyhow::Resu
     )
     .execute(&stack.db.pool)
     .await?;
+    sqlx::query(
+        "UPDATE jobs SET state = 'retry_wait', finished_at = NULL, succeeded_by = NULL,
+                retry_at = now() + interval '1 day', run_at = now() + interval '1 day'
+         WHERE id = (SELECT id FROM jobs WHERE batch_id = $1 ORDER BY seq LIMIT 1)",
+    )
+    .bind(unfinished)
+    .execute(&stack.db.pool)
+    .await?;
+
     let (old_records,): (i64,) = sqlx::query_as(
         "SELECT count(*) FROM job_attempts a JOIN jobs j ON j.id = a.job_id WHERE j.batch_id = $1",
     )
