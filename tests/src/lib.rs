@@ -1077,26 +1077,21 @@ impl Stack {
         // writes one (a deferral gives its number back), so a gap is an earlier success
         // that a later one overwrote.
         let (double_run, attempts, max_attempt): (i64, i64, i32) = sqlx::query_as(
-            "SELECT count(*) FILTER (WHERE successes > 1 OR closed_twice OR gap),
-                    coalesce(sum(records + (succeeded_by IS NOT NULL)::int), 0)::int8,
-                    coalesce(max(attempt), 0)
-             FROM (
-                 SELECT j.attempt, j.succeeded_by,
-                        (SELECT count(*) FROM job_attempts a WHERE a.job_id = j.id) AS records,
-                        (SELECT count(*) FROM job_attempts a
-                         WHERE a.job_id = j.id AND a.outcome = 'succeeded')
-                            + (j.succeeded_by IS NOT NULL)::int AS successes,
-                        j.succeeded_by IS NOT NULL
-                            AND EXISTS (SELECT 1 FROM job_attempts a
-                                        WHERE a.job_id = j.id AND a.attempt = j.attempt)
-                            AS closed_twice,
-                        j.succeeded_by IS NOT NULL
-                            AND (SELECT count(*) FROM job_attempts a
-                                 WHERE a.job_id = j.id AND a.attempt < j.attempt)
-                                <> j.attempt - 1
-                            AS gap
-                 FROM jobs j WHERE j.batch_id = ANY($1)
-             ) per_job",
+            "SELECT count(*) FILTER (
+                        WHERE a.succeeded + (j.succeeded_by IS NOT NULL)::int > 1
+                           OR (j.succeeded_by IS NOT NULL
+                               AND (a.at_success > 0 OR a.before_success <> j.attempt - 1))),
+                    coalesce(sum(a.records + (j.succeeded_by IS NOT NULL)::int), 0)::int8,
+                    coalesce(max(j.attempt), 0)
+             FROM jobs j
+             CROSS JOIN LATERAL (
+                 SELECT count(*) AS records,
+                        count(*) FILTER (WHERE outcome = 'succeeded') AS succeeded,
+                        count(*) FILTER (WHERE attempt = j.attempt) AS at_success,
+                        count(*) FILTER (WHERE attempt < j.attempt) AS before_success
+                 FROM job_attempts WHERE job_id = j.id
+             ) a
+             WHERE j.batch_id = ANY($1)",
         )
         .bind(batches)
         .fetch_one(&self.db.pool)

@@ -184,7 +184,8 @@ async fn reconcile(
     drop(stream);
 
     // CIDs with a pending job on this backend: a job will settle them, so they are
-    // neither missing nor repaired nor recorded as unmanaged now. Jobs keep the submitted spelling; canonicalize.
+    // neither missing nor repaired nor recorded as unmanaged now. Jobs keep the submitted
+    // spelling; canonicalize.
     {
         let mut rows = sqlx::query_as::<_, (String, Option<String>)>(
             "SELECT cid, replaces_cid FROM jobs
