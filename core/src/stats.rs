@@ -265,7 +265,10 @@ pub struct PinRow {
     /// a tenant's view of a row another owner pinned first, as they would tell the tenant
     /// that someone else holds the content, and when they act on it.
     pub pinned_at: Option<DateTime<Utc>>,
-    /// When the index update last found the pin on the backend.
+    /// When the index update last found the pin on the backend (or a job pinned it). A
+    /// listing that shows the pin does not write its row: the later of the row's own time
+    /// and its backend's last complete listing (`backends.pins_listed_at`) is shown, unless
+    /// that listing did not show the row (`pins.unlisted`) or the pin is `missing`.
     pub verified_at: Option<DateTime<Utc>>,
     pub updated_at: Option<DateTime<Utc>>,
 }
@@ -297,7 +300,9 @@ pub async fn list_pins(pool: &PgPool, f: &PinFilter) -> Result<Vec<PinRow>, sqlx
                 CASE WHEN $1::text IS NULL OR p.owner = $1 THEN p.job_id END AS job_id,
                 p.status,
                 CASE WHEN $1::text IS NULL OR p.owner = $1 THEN p.pinned_at END AS pinned_at,
-                p.verified_at,
+                CASE WHEN p.status <> 'missing' AND NOT p.unlisted
+                     THEN greatest(p.verified_at, b.pins_listed_at)
+                     ELSE p.verified_at END AS verified_at,
                 CASE WHEN $1::text IS NULL OR p.owner = $1 THEN p.updated_at END AS updated_at
          FROM pins p JOIN backends b ON b.id = p.backend_id
          WHERE ($1::text IS NULL OR p.owner = $1 OR $1 = ANY (p.others))

@@ -140,18 +140,23 @@ async fn run_now(stack: &Stack, schedule: &str) -> anyhow::Result<(String, Value
     Ok((status, output.0))
 }
 
-async fn backend_status(stack: &Stack, name: &str) -> anyhow::Result<String> {
+/// A backend as `GET /v1/backends` shows it (null if it is not listed).
+async fn backend_view(stack: &Stack, name: &str) -> anyhow::Result<Value> {
     let v: Value = stack
         .req(reqwest::Method::GET, "/v1/backends")
         .send()
         .await?
         .json()
         .await?;
-    let b = v["backends"]
+    Ok(v["backends"]
         .as_array()
         .and_then(|bs| bs.iter().find(|b| b["name"] == name))
         .cloned()
-        .unwrap_or(Value::Null);
+        .unwrap_or(Value::Null))
+}
+
+async fn backend_status(stack: &Stack, name: &str) -> anyhow::Result<String> {
+    let b = backend_view(stack, name).await?;
     Ok(b["health"]["status"].as_str().unwrap_or("").to_owned())
 }
 
@@ -478,27 +483,41 @@ async fn index_update_repairs_a_missing_pin_and_records_an_unmanaged_one() -> an
     stack.start_worker()?;
     stack.start_scheduler()?;
 
-    let cids = stack.ipfs().add_unpinned(&unique_contents(4)).await?;
-    let (lost, kept, stranger, pending) = (&cids[0], &cids[1], &cids[2], &cids[3]);
+    let cids = stack.ipfs().add_unpinned(&unique_contents(5)).await?;
+    let (lost, kept, stranger, pending, held) = (&cids[0], &cids[1], &cids[2], &cids[3], &cids[4]);
     let batch = stack
-        .submit_ok(&json!({"backends": ["local"], "ops": [{"op": "pin", "cid": lost}, {"op": "pin", "cid": kept}]}))
+        .submit_ok(&json!({"backends": ["local"], "ops": [
+            {"op": "pin", "cid": lost}, {"op": "pin", "cid": kept}, {"op": "pin", "cid": held}]}))
         .await?;
     stack.wait_done(batch, Duration::from_secs(60)).await?;
+    let key = |c: &str| canonical_of(c).expect("valid");
+    let (lost_key, kept_key, held_key) = (key(lost), key(kept), key(held));
+    let held_pinned_at = index_view(&stack, &held_key).await?.verified_at;
+    assert!(
+        held_pinned_at.is_some(),
+        "a job's pin is verified when done"
+    );
 
     // A pin job that has not finished yet, whose CID the node already holds (as when the
     // node has pinned it and the success is not written yet): the job will settle it,
-    // so the index update leaves it alone rather than record it as nobody's.
+    // so the index update leaves it alone rather than record it as nobody's. And a pin
+    // job for a CID the index holds, which the node lost meanwhile: it stays `pinned`,
+    // as its job will pin it again, but this listing has not seen it.
     let mut worker = stack.workers.remove(0);
     worker.terminate(Duration::from_secs(10)).await;
     let pending_batch = stack
-        .submit_ok(&json!({"backends": ["local"], "ops": [{"op": "pin", "cid": pending}]}))
+        .submit_ok(&json!({"backends": ["local"], "ops": [
+            {"op": "pin", "cid": pending}, {"op": "pin", "cid": held}]}))
         .await?;
     stack.ipfs().pin_direct(pending, true).await?;
+    stack.ipfs().pin_direct(held, false).await?;
 
     // Behind pinq's back: unpin one of its pins, pin something it does not know.
     stack.ipfs().pin_direct(lost, false).await?;
     stack.ipfs().pin_direct(stranger, true).await?;
 
+    let kept_version = row_version(&stack, &kept_key).await?;
+    let before_run = db_now(&stack).await?;
     let (status, output) = run_now(&stack, "index-update").await?;
     assert_eq!(status, "succeeded", "{output}");
     assert_eq!(output["listed"], 3, "{output}");
@@ -508,6 +527,23 @@ async fn index_update_repairs_a_missing_pin_and_records_an_unmanaged_one() -> an
     assert_eq!(output["repaired"], 1, "{output}");
     assert_eq!(output["unmanaged"], 1, "{output}");
     assert_eq!(output["backends"]["local"]["repaired"], 1, "{output}");
+
+    // A listed pin is verified by the backend's mark, and its row is not written.
+    let listed_at = pins_listed_at(&stack, "local").await?;
+    assert!(listed_at >= before_run, "{listed_at} < {before_run}");
+    assert_eq!(
+        row_version(&stack, &kept_key).await?,
+        kept_version,
+        "the index update wrote a pin it only found on the node"
+    );
+    assert_eq!(
+        index_view(&stack, &kept_key).await?.verified_at,
+        Some(listed_at)
+    );
+    // The pin the listing did not show keeps when its job pinned it.
+    let held_view = index_view(&stack, &held_key).await?;
+    assert_eq!(held_view.status, "pinned");
+    assert_eq!(held_view.verified_at, held_pinned_at);
 
     let stranger_key = canonical_of(stranger).expect("valid");
     let (st, owner): (String, Option<String>) =
@@ -523,12 +559,12 @@ async fn index_update_repairs_a_missing_pin_and_records_an_unmanaged_one() -> an
         .await?;
     assert_eq!(rows, 0, "a CID with a pending job is not recorded");
 
-    // The worker is back: the pending job pins it for its owner.
+    // The worker is back: the pending jobs pin for their owner.
     stack.start_worker()?;
     let done = stack
         .wait_done(pending_batch, Duration::from_secs(60))
         .await?;
-    assert_eq!(done["counts"]["succeeded"], 1, "{done}");
+    assert_eq!(done["counts"]["succeeded"], 2, "{done}");
     let (st, owner): (String, Option<String>) =
         sqlx::query_as("SELECT status, owner FROM pins WHERE cid = $1")
             .bind(&pending_key)
@@ -537,7 +573,6 @@ async fn index_update_repairs_a_missing_pin_and_records_an_unmanaged_one() -> an
     assert_eq!((st.as_str(), owner.as_deref()), ("pinned", Some("admin")));
 
     // The repair job: low priority, the pin's owner, and it pins the CID again.
-    let lost_key = canonical_of(lost).expect("valid");
     let (priority, owner, batch_id): (i16, String, uuid::Uuid) = sqlx::query_as(
         "SELECT priority, owner, batch_id FROM jobs WHERE cid = $1 AND meta ? 'repair'",
     )
@@ -569,7 +604,71 @@ async fn index_update_repairs_a_missing_pin_and_records_an_unmanaged_one() -> an
         stack.pin_index("local").await?.contains(&lost_key),
         "the index says pinned again"
     );
+
+    // The next listing shows every pin again: the mark moves on, and speaks for the pin
+    // the last one did not show, whose row loses its flag.
+    let before_second = db_now(&stack).await?;
+    let (status, output) = run_now(&stack, "index-update").await?;
+    assert_eq!(status, "succeeded", "{output}");
+    assert_eq!(output["verified"], 4, "{output}");
+    assert_eq!(output["missing"], 0, "{output}");
+    let listed_at = pins_listed_at(&stack, "local").await?;
+    assert!(listed_at >= before_second, "{listed_at} < {before_second}");
+    for k in [&lost_key, &kept_key, &held_key] {
+        let view = index_view(&stack, k).await?;
+        assert_eq!(
+            (view.status.as_str(), view.verified_at),
+            ("pinned", Some(listed_at)),
+            "{k}"
+        );
+    }
+    assert_eq!(
+        row_version(&stack, &kept_key).await?,
+        kept_version,
+        "two listings, and the pin's row is as its job left it"
+    );
+    let (flagged,): (i64,) = sqlx::query_as("SELECT count(*) FROM pins WHERE unlisted")
+        .fetch_one(&stack.db.pool)
+        .await?;
+    assert_eq!(flagged, 0, "every pin was listed");
     Ok(())
+}
+
+/// A pin as `GET /v1/pin-index` shows it.
+struct IndexView {
+    status: String,
+    verified_at: Option<DateTime<Utc>>,
+}
+
+async fn index_view(stack: &Stack, cid: &str) -> anyhow::Result<IndexView> {
+    let resp = stack
+        .req(reqwest::Method::GET, &format!("/v1/pin-index?cid={cid}"))
+        .send()
+        .await?;
+    anyhow::ensure!(resp.status() == 200, "GET /v1/pin-index: {}", resp.status());
+    let v: Value = resp.json().await?;
+    let pins = v["pins"].as_array().cloned().unwrap_or_default();
+    anyhow::ensure!(pins.len() == 1, "one row for {cid}: {v}");
+    Ok(IndexView {
+        status: pins[0]["status"].as_str().unwrap_or_default().to_owned(),
+        verified_at: serde_json::from_value(pins[0]["verified_at"].clone())?,
+    })
+}
+
+/// The backend's last complete listing, as `GET /v1/backends` shows it.
+async fn pins_listed_at(stack: &Stack, name: &str) -> anyhow::Result<DateTime<Utc>> {
+    let b = backend_view(stack, name).await?;
+    Ok(serde_json::from_value(b["pins_listed_at"].clone())?)
+}
+
+/// The transaction that last wrote a pin's row, and where it lies.
+async fn row_version(stack: &Stack, cid: &str) -> anyhow::Result<(String, String)> {
+    Ok(
+        sqlx::query_as("SELECT xmin::text, ctid::text FROM pins WHERE cid = $1")
+            .bind(cid)
+            .fetch_one(&stack.db.pool)
+            .await?,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,11 @@
 //! into a session-local temporary table; the comparison with `pins` is then set-based
 //! SQL. The scheduler never holds more than one chunk of CIDs, whatever the pin count.
 //!
-//! - index `pinned`, on the node: verified (`verified_at` set).
+//! - index `pinned`, on the node: verified. The row is not written: the listing's start is
+//!   recorded once, on the backend (`backends.pins_listed_at`), and a pin's verification
+//!   time is the later of its own `verified_at` and that mark ([`pinq_core::stats`]).
+//!   Rows that stay `pinned` or `unmanaged` without being listed are flagged `unlisted`,
+//!   so that the mark does not speak for them.
 //! - index `pinned`, not on the node: marked `missing`, and a repair pin job (low
 //!   priority, owned by the pin's owner) is created unless a job for that CID is pending.
 //! - on the node, unknown to the index: recorded with status `unmanaged` (no owner).
@@ -148,13 +152,19 @@ async fn reconcile(
     // One connection for the whole reconciliation: the temporary tables live in it. No
     // transaction is open while the backend is being listed.
     let mut conn = ctx.pool.acquire().await?;
+    // The listing is copied as it comes into a table without an index, then sorted once
+    // into the indexed one: inserting a million CIDs in the listing's (random) order into a
+    // B-tree took about twice as long as the copy and the sort together.
+    sqlx::query("CREATE TEMP TABLE IF NOT EXISTS pinq_listed (cid text)")
+        .execute(&mut *conn)
+        .await?;
     sqlx::query("CREATE TEMP TABLE IF NOT EXISTS pinq_scan (cid text PRIMARY KEY)")
         .execute(&mut *conn)
         .await?;
     sqlx::query("CREATE TEMP TABLE IF NOT EXISTS pinq_busy (cid text PRIMARY KEY)")
         .execute(&mut *conn)
         .await?;
-    sqlx::query("TRUNCATE pinq_scan, pinq_busy")
+    sqlx::query("TRUNCATE pinq_listed, pinq_scan, pinq_busy")
         .execute(&mut *conn)
         .await?;
     let started: DateTime<Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
@@ -174,14 +184,20 @@ async fn reconcile(
             None => c.unparsable += 1,
         }
         if buf.len() >= chunk {
-            stage(&mut conn, "pinq_scan", &mut buf).await?;
+            stage(&mut conn, "pinq_listed", &mut buf).await?;
             if ctx.shutdown.is_cancelled() {
                 anyhow::bail!("interrupted by shutdown");
             }
         }
     }
-    stage(&mut conn, "pinq_scan", &mut buf).await?;
+    stage(&mut conn, "pinq_listed", &mut buf).await?;
     drop(stream);
+    sqlx::query("INSERT INTO pinq_scan (cid) SELECT DISTINCT cid FROM pinq_listed ORDER BY cid")
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("TRUNCATE pinq_listed")
+        .execute(&mut *conn)
+        .await?;
 
     // CIDs with a pending job on this backend: a job will settle them, so they are
     // neither missing nor repaired nor recorded as unmanaged now. Jobs keep the submitted
@@ -209,8 +225,21 @@ async fn reconcile(
     sqlx::query("ANALYZE pinq_busy").execute(&mut *conn).await?;
 
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    // Reconciliations of one backend take turns (a second scheduler's waits here until
+    // this one has committed), so the mark each reads is the last one written. The lock is
+    // not the backend's row lock, which health checks take.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('pinq-index:' || $1::text, 0))")
+        .bind(t.id)
+        .execute(&mut *tx)
+        .await?;
+    let (prev_mark,): (Option<DateTime<Utc>>,) =
+        sqlx::query_as("SELECT pins_listed_at FROM backends WHERE id = $1")
+            .bind(t.id)
+            .fetch_one(&mut *tx)
+            .await?;
     c.restored = sqlx::query(
-        "UPDATE pins p SET status = 'pinned', verified_at = now(), updated_at = now()
+        "UPDATE pins p SET status = 'pinned', verified_at = now(), updated_at = now(),
+                           unlisted = false
          FROM pinq_scan s
          WHERE p.backend_id = $1 AND p.cid = s.cid AND p.status = 'missing'",
     )
@@ -218,24 +247,26 @@ async fn reconcile(
     .execute(&mut *tx)
     .await?
     .rows_affected();
-    c.verified = sqlx::query(
-        "UPDATE pins p SET verified_at = now()
+    // Listed rows are not written: the backend's mark, set below, verifies them. Only
+    // those the last listing did not show carry a flag to clear.
+    sqlx::query(
+        "UPDATE pins p SET unlisted = false
          FROM pinq_scan s
-         WHERE p.backend_id = $1 AND p.cid = s.cid AND p.status = 'pinned'",
+         WHERE p.backend_id = $1 AND p.cid = s.cid AND p.unlisted",
     )
     .bind(t.id)
     .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    let known_unmanaged = sqlx::query(
-        "UPDATE pins p SET verified_at = now()
-         FROM pinq_scan s
-         WHERE p.backend_id = $1 AND p.cid = s.cid AND p.status = 'unmanaged'",
+    .await?;
+    let (verified, known_unmanaged): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE p.status = 'pinned'),
+                count(*) FILTER (WHERE p.status = 'unmanaged')
+         FROM pins p JOIN pinq_scan s ON s.cid = p.cid
+         WHERE p.backend_id = $1",
     )
     .bind(t.id)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
+    .fetch_one(&mut *tx)
+    .await?;
+    c.verified = u64::try_from(verified).unwrap_or(0);
     c.new_unmanaged = sqlx::query(
         "INSERT INTO pins (backend_id, cid, owner, status, pinned_at, verified_at)
          SELECT $1, s.cid, NULL, 'unmanaged', now(), now() FROM pinq_scan s
@@ -247,7 +278,7 @@ async fn reconcile(
     .execute(&mut *tx)
     .await?
     .rows_affected();
-    c.unmanaged = known_unmanaged + c.new_unmanaged;
+    c.unmanaged = u64::try_from(known_unmanaged).unwrap_or(0) + c.new_unmanaged;
     c.unmanaged_gone = sqlx::query(
         "DELETE FROM pins p
          WHERE p.backend_id = $1 AND p.status = 'unmanaged' AND p.updated_at < $2
@@ -258,17 +289,40 @@ async fn reconcile(
     .execute(&mut *tx)
     .await?
     .rows_affected();
+    // A pin gone from the node keeps, in its own `verified_at`, when it was last seen: the
+    // previous listing, unless that one had not shown it either.
     c.newly_missing = sqlx::query(
-        "UPDATE pins p SET status = 'missing', updated_at = now()
+        "UPDATE pins p SET status = 'missing', updated_at = now(),
+                           verified_at = CASE WHEN p.unlisted THEN p.verified_at
+                                              ELSE greatest(p.verified_at, $3) END
          WHERE p.backend_id = $1 AND p.status = 'pinned' AND p.updated_at < $2
            AND NOT EXISTS (SELECT 1 FROM pinq_scan s WHERE s.cid = p.cid)
            AND NOT EXISTS (SELECT 1 FROM pinq_busy b WHERE b.cid = p.cid)",
     )
     .bind(t.id)
     .bind(started)
+    .bind(prev_mark)
     .execute(&mut *tx)
     .await?
     .rows_affected();
+    // Rows that stay `pinned` or `unmanaged` although this listing did not show them (a
+    // pending job will settle them, or they changed while the backend was listed): the new
+    // mark must not speak for them, so they are flagged, and their own `verified_at` keeps
+    // when they were last seen.
+    sqlx::query(
+        "UPDATE pins p SET unlisted = true, verified_at = greatest(p.verified_at, $2)
+         WHERE p.backend_id = $1 AND p.status IN ('pinned', 'unmanaged') AND NOT p.unlisted
+           AND NOT EXISTS (SELECT 1 FROM pinq_scan s WHERE s.cid = p.cid)",
+    )
+    .bind(t.id)
+    .bind(prev_mark)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("UPDATE backends SET pins_listed_at = $2 WHERE id = $1")
+        .bind(t.id)
+        .bind(started)
+        .execute(&mut *tx)
+        .await?;
     let (missing,): (i64,) =
         sqlx::query_as("SELECT count(*) FROM pins WHERE backend_id = $1 AND status = 'missing'")
             .bind(t.id)
@@ -294,9 +348,7 @@ async fn stage(
         return Ok(());
     }
     let sql = match table {
-        "pinq_scan" => {
-            "INSERT INTO pinq_scan (cid) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING"
-        }
+        "pinq_listed" => "INSERT INTO pinq_listed (cid) SELECT unnest($1::text[])",
         _ => "INSERT INTO pinq_busy (cid) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
     };
     sqlx::query(sql).bind(&*buf).execute(&mut *conn).await?;
@@ -338,7 +390,7 @@ async fn repair(
              WHERE p.backend_id = $1 AND p.status = 'missing' AND p.owner IS NOT NULL
                AND p.cid > $2
                AND NOT EXISTS (SELECT 1 FROM pinq_busy b WHERE b.cid = p.cid)
-               AND NOT EXISTS (SELECT 1 FROM jobs r WHERE r.backend_id = p.backend_id AND r.cid = p.cid
+               AND NOT EXISTS (SELECT 1 FROM jobs r WHERE r.cid_key = p.cid AND r.backend_id = p.backend_id
                                AND r.state IN ('queued', 'running', 'retry_wait'))
              ORDER BY p.cid LIMIT $3
              FOR UPDATE OF p SKIP LOCKED",

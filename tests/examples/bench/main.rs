@@ -16,7 +16,10 @@
 //! - `latency`: submit→done latency at a steady offered load (1,000 jobs/s);
 //! - `priority`: how soon a priority-9 batch starts behind 100,000 queued priority-1 jobs;
 //! - `inflight`: the worker's memory with 512 pins in flight;
-//! - `realnode`: pins/s through pinq on a real js-ipfs node, beside a plain client.
+//! - `realnode`: pins/s through pinq on a real js-ipfs node, beside a plain client;
+//! - `index`: the scheduler's index update on a backend with 100,000 pins in pinq's index
+//!   (1 % of them lost by the node, which also holds 1 % more that pinq does not know):
+//!   how long a run takes, the WAL it writes, the pin rows it rewrites.
 //!
 //! Every scenario but `realnode` uses a TEST DOUBLE of the Kubo RPC (instant backend),
 //! for load and fault injection only (`pinq_e2e::kubo_double`): a real node cannot
@@ -45,7 +48,8 @@ use uuid::Uuid;
 #[derive(Debug, Clone, Parser)]
 #[command(about = "pinq's full-stack throughput and latency benchmark (issue 7)")]
 struct Opts {
-    /// all, or one of: ingest, e2e, latency, priority, inflight, realnode (comma-separated).
+    /// all, or one of: ingest, e2e, latency, priority, inflight, realnode, index
+    /// (comma-separated).
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Pin jobs in the end-to-end run and in the priority scenario's backlog.
@@ -102,6 +106,12 @@ struct Opts {
     /// loses when something else shares the machine with the node (0 for the bench).
     #[arg(long, default_value_t = 0.0)]
     direct_beside_load: f64,
+    /// Pins on the backend, all in pinq's index, in the index-update scenario.
+    #[arg(long, default_value_t = 100_000)]
+    index_pins: usize,
+    /// Runs of the index update in the index-update scenario (one after the other).
+    #[arg(long, default_value_t = 2)]
+    index_runs: usize,
     /// Error rate the double injects on pin/add (fault-injection runs; 0 for the bench).
     #[arg(long, default_value_t = 0.0)]
     double_error_rate: f64,
@@ -139,8 +149,8 @@ impl Opts {
     }
 }
 
-const SCENARIOS: [&str; 6] = [
-    "ingest", "e2e", "latency", "priority", "inflight", "realnode",
+const SCENARIOS: [&str; 7] = [
+    "ingest", "e2e", "latency", "priority", "inflight", "realnode", "index",
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -1113,6 +1123,170 @@ async fn inflight(opts: &Opts) -> anyhow::Result<Outcome> {
     })
 }
 
+/// The scheduler's index update on a backend with `--index-pins` pins in pinq's index:
+/// each run's time (the run's own `started_at` to `finished_at`), the WAL the server wrote
+/// meanwhile, and how many pin rows the run rewrote (rows whose `xmin` changed). 1 % of
+/// the index is not on the node (missing, and repaired: the repair jobs stay queued, as no
+/// worker runs) and the node holds 1 % that the index does not know (unmanaged). The
+/// schedule is off; the runs are asked for through the API, one after the other.
+async fn index_update(opts: &Opts) -> anyhow::Result<Outcome> {
+    let s = BenchStack::start(opts, 0, opts.concurrency, Some(DoubleConfig::default())).await?;
+    let resp = s
+        .stack
+        .req(reqwest::Method::PATCH, "/v1/schedules/index-update")
+        .json(&json!({"enabled": false}))
+        .send()
+        .await?;
+    anyhow::ensure!(
+        resp.status() == 200,
+        "PATCH /v1/schedules/index-update: {}",
+        resp.status()
+    );
+    let double = s.double.as_ref().context("no double")?;
+    let n = opts.index_pins;
+    let skew = n / 100;
+    let cid = |k: usize| kubo_double::synthetic_cid(s.salt, k as u64);
+    for k in skew..n + skew {
+        double.set_pinned(&cid(k), true);
+    }
+    let cids: Vec<String> = (0..n).map(cid).collect();
+    for chunk in cids.chunks(10_000) {
+        sqlx::query(
+            "INSERT INTO pins (backend_id, cid, owner, status, pinned_at, verified_at)
+             SELECT b.id, c, 'admin', 'pinned', now(), now()
+             FROM backends b, unnest($1::text[]) AS c WHERE b.name = 'double'",
+        )
+        .bind(chunk)
+        .execute(s.pool())
+        .await?;
+    }
+    // As autovacuum would have left a table that jobs filled over time.
+    sqlx::query("VACUUM (ANALYZE) pins")
+        .execute(s.pool())
+        .await?;
+
+    let watch = RssWatch::start(s.procs());
+    let scheduler_pid = s.stack.scheduler.as_ref().map_or(0, |p| p.pid());
+    let mut metrics = Vec::new();
+    let mut runs = Vec::new();
+    for i in 1..=opts.index_runs {
+        sqlx::query("DROP TABLE IF EXISTS bench_rows")
+            .execute(s.pool())
+            .await?;
+        sqlx::query("CREATE TABLE bench_rows AS SELECT cid, xmin::text AS x FROM pins")
+            .execute(s.pool())
+            .await?;
+        let wal0 = wal_lsn(s.pool()).await?;
+        let cpu0 = rss::CpuMark::read(scheduler_pid);
+        let resp = s
+            .stack
+            .req(reqwest::Method::POST, "/v1/schedules/index-update/run")
+            .send()
+            .await?;
+        anyhow::ensure!(resp.status() == 202, "run: {}", resp.status());
+        let run: Value = resp.json().await?;
+        let run_id = run["id"].as_i64().context("run id")?;
+        let t0 = Instant::now();
+        let (status, secs, output) = loop {
+            let (status, secs, output): (String, Option<f64>, Option<sqlx::types::Json<Value>>) =
+                sqlx::query_as(
+                    "SELECT status, extract(epoch FROM finished_at - started_at)::float8, output
+                     FROM schedule_runs WHERE id = $1",
+                )
+                .bind(run_id)
+                .fetch_one(s.pool())
+                .await?;
+            if status != "pending" && status != "running" {
+                break (status, secs, output.map(|o| o.0));
+            }
+            anyhow::ensure!(
+                t0.elapsed() < opts.timeout(),
+                "index update run {i} not done"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let cpu1 = rss::CpuMark::read(scheduler_pid);
+        let (wal_bytes,): (f64,) =
+            sqlx::query_as("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::pg_lsn)::float8")
+                .bind(&wal0)
+                .fetch_one(s.pool())
+                .await?;
+        let (rewritten,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM pins p JOIN bench_rows r USING (cid) WHERE p.xmin::text <> r.x",
+        )
+        .fetch_one(s.pool())
+        .await?;
+        anyhow::ensure!(
+            status == "succeeded",
+            "index update run {i}: {status} {output:?}"
+        );
+        let figure = |k: &str| output.as_ref().and_then(|o| o[k].as_u64()).unwrap_or(0);
+        let want = [
+            ("verified", n - skew),
+            ("missing", skew),
+            ("unmanaged", skew),
+            ("repaired", if i == 1 { skew } else { 0 }),
+        ];
+        for (k, v) in want {
+            anyhow::ensure!(
+                figure(k) == v as u64,
+                "index update run {i}: {k} {} where {v} was expected: {output:?}",
+                figure(k)
+            );
+        }
+        let secs = secs.unwrap_or(f64::NAN);
+        metrics.push(Metric::new(
+            "index",
+            &format!("run {i}: time to list and reconcile {n} pins"),
+            secs * 1000.0,
+            "ms",
+        ));
+        metrics.push(Metric::new(
+            "index",
+            &format!("run {i}: WAL written (whole server)"),
+            wal_bytes / 1024.0,
+            "KiB",
+        ));
+        metrics.push(Metric::new(
+            "index",
+            &format!("run {i}: pin rows rewritten"),
+            rewritten as f64,
+            "rows",
+        ));
+        runs.push(json!({
+            "run": i, "status": status, "secs": secs, "wal_bytes": wal_bytes,
+            "rows_rewritten": rewritten, "output": output,
+            // From the request to the poll that saw the run end (every 20 ms).
+            "scheduler_cpu_s": ((cpu1.process_s - cpu0.process_s) * 100.0).round() / 100.0,
+            "cpu_by_program_s": cpu0.by_program(&cpu1),
+        }));
+    }
+    let memory = watch.finish();
+    if let Some(mib) = memory["scheduler"]["vmhwm_mib"].as_f64() {
+        metrics.push(Metric::new(
+            "index",
+            "scheduler peak RSS (VmHWM)",
+            mib,
+            "MiB",
+        ));
+    }
+    sqlx::query("DROP TABLE IF EXISTS bench_rows")
+        .execute(s.pool())
+        .await?;
+    Ok(Outcome {
+        metrics,
+        details: json!({
+            "pins": n,
+            "not_on_the_node": skew,
+            "unknown_to_the_index": skew,
+            "runs": runs,
+            "double_calls": s.double_counters(),
+            "memory": memory,
+            "loadavg_after": report::loadavg(),
+        }),
+    })
+}
+
 /// Pins `cids` straight on the node with `concurrency` calls at once; returns pins/s.
 async fn direct_rate(url: &str, cids: &[String], concurrency: usize) -> anyhow::Result<f64> {
     let client = KuboClient::new(KuboClient::http_client(), url);
@@ -1419,6 +1593,13 @@ async fn main() -> anyhow::Result<()> {
         println!("== real node (js-ipfs)");
         run("realnode".into(), realnode(&opts).await);
     }
+    if opts.runs("index") {
+        println!(
+            "== index update on {} pins ({DOUBLE_NOTE})",
+            opts.index_pins
+        );
+        run("index".into(), index_update(&opts).await);
+    }
 
     println!("== summary (targets from issue 7; {DOUBLE_NOTE}, except realnode)");
     report::print_table(&metrics);
@@ -1446,6 +1627,7 @@ async fn main() -> anyhow::Result<()> {
             "priority_concurrency": opts.priority_concurrency,
             "inflight": opts.inflight, "node_pins": opts.node_pins,
             "node_concurrency": opts.node_concurrency, "log": opts.log,
+            "index_pins": opts.index_pins, "index_runs": opts.index_runs,
             "db_connections": opts.db_connections,
         },
         "results": metrics.iter().map(Metric::to_json).collect::<Vec<_>>(),
