@@ -23,6 +23,7 @@ ALTER TABLE pins ADD COLUMN unlisted boolean NOT NULL DEFAULT false;
 -- million pins, 10,000 of them missing, a chunk's read took 1.4 to 6.9 s; with this index
 -- (and the check for pending jobs on `jobs.cid_key`, which `jobs_cid_key` serves) each
 -- took under 0.3 s, and the run 20 s instead of 50. Few rows are ever missing, and a
--- row enters or leaves the index only when its pin goes missing or comes back, so the
--- jobs' writes of `pins` do not touch it.
+-- row enters or leaves the index only when its pin goes missing or comes back. A pin's
+-- insert only tests the predicate; an update that changes `status` (rare: a pin going
+-- missing, coming back, or taken over from `unmanaged`) can no longer be heap-only.
 CREATE INDEX pins_missing ON pins (backend_id, cid) WHERE status = 'missing';

@@ -358,7 +358,7 @@ fn parse_pin_ls_line(line: &str) -> Vec<Result<String, BackendError>> {
     )))]
 }
 
-/// Splits a byte stream into non-empty lines, holding at most one partial line.
+/// Splits a byte stream into non-empty lines, holding at most one chunk and a partial line.
 ///
 /// Each byte is looked at once: lines are handed out from a read offset, and the bytes
 /// before it are dropped only when the next chunk is needed, so a chunk of many lines is

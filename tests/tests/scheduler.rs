@@ -631,6 +631,34 @@ async fn index_update_repairs_a_missing_pin_and_records_an_unmanaged_one() -> an
         .fetch_one(&stack.db.pool)
         .await?;
     assert_eq!(flagged, 0, "every pin was listed");
+
+    // The node loses a pin the last listing showed: it turns `missing` and keeps that
+    // listing as when it was last seen. (No worker runs, so its repair job waits.)
+    let mut worker = stack.workers.remove(0);
+    worker.terminate(Duration::from_secs(10)).await;
+    stack.ipfs().pin_direct(kept, false).await?;
+    let (status, output) = run_now(&stack, "index-update").await?;
+    assert_eq!(status, "succeeded", "{output}");
+    assert_eq!(output["newly_missing"], 1, "{output}");
+    let view = index_view(&stack, &kept_key).await?;
+    assert_eq!(
+        (view.status.as_str(), view.verified_at),
+        ("missing", Some(listed_at))
+    );
+
+    // A run whose listing began before the last one reconciled (as when it waited behind
+    // a later run) is dropped: it would otherwise restore the pin the node holds again.
+    stack.ipfs().pin_direct(kept, true).await?;
+    sqlx::query("UPDATE backends SET pins_listed_at = now() + interval '1 hour'")
+        .execute(&stack.db.pool)
+        .await?;
+    let (status, output) = run_now(&stack, "index-update").await?;
+    assert_eq!(status, "succeeded", "{output}");
+    assert_eq!(
+        output["backends"]["local"]["skipped"], "a listing begun later has been reconciled already",
+        "{output}"
+    );
+    assert_eq!(index_view(&stack, &kept_key).await?.status, "missing");
     Ok(())
 }
 

@@ -119,7 +119,14 @@ pub async fn run(ctx: &TaskCtx, args: &Value) -> TaskOutcome {
             continue;
         }
         match reconcile(ctx, &t, chunk, priority).await {
-            Ok(c) => {
+            Ok(None) => {
+                tracing::info!(backend = %t.name, "a listing begun later has been reconciled already; this one is dropped");
+                per_backend.insert(
+                    t.name.clone(),
+                    json!({"skipped": "a listing begun later has been reconciled already"}),
+                );
+            }
+            Ok(Some(c)) => {
                 tracing::info!(backend = %t.name, listed = c.listed, verified = c.verified, missing = c.missing, repaired = c.repaired, unmanaged = c.unmanaged, "pin index reconciled");
                 total.add(&c);
                 per_backend.insert(t.name.clone(), c.json());
@@ -147,7 +154,7 @@ async fn reconcile(
     t: &Target,
     chunk: usize,
     priority: i16,
-) -> anyhow::Result<Counts> {
+) -> anyhow::Result<Option<Counts>> {
     let mut c = Counts::default();
     // One connection for the whole reconciliation: the temporary tables live in it. No
     // transaction is open while the backend is being listed.
@@ -225,25 +232,29 @@ async fn reconcile(
     sqlx::query("ANALYZE pinq_busy").execute(&mut *conn).await?;
 
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-    // Reconciliations of one backend take turns (a second scheduler's waits here until
-    // this one has committed), so the mark each reads is the last one written. The lock is
-    // not the backend's row lock, which health checks take.
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('pinq-index:' || $1::text, 0))")
-        .bind(t.id)
-        .execute(&mut *tx)
-        .await?;
+    // The backend's row is locked first, as a backend's delete locks it before its pins:
+    // reconciliations of one backend take turns (a second scheduler's waits here until
+    // this one has committed), and a health probe's write waits for the transaction. The
+    // lock does not stop jobs being submitted (they take a key-share lock).
     let (prev_mark,): (Option<DateTime<Utc>>,) =
-        sqlx::query_as("SELECT pins_listed_at FROM backends WHERE id = $1")
+        sqlx::query_as("SELECT pins_listed_at FROM backends WHERE id = $1 FOR NO KEY UPDATE")
             .bind(t.id)
             .fetch_one(&mut *tx)
             .await?;
+    // A run that waited behind one whose listing began later would apply an older picture
+    // over a newer one (restore what that one found missing, and so on): it is dropped.
+    if prev_mark.is_some_and(|m| m >= started) {
+        tx.rollback().await?;
+        return Ok(None);
+    }
     c.restored = sqlx::query(
-        "UPDATE pins p SET status = 'pinned', verified_at = now(), updated_at = now(),
+        "UPDATE pins p SET status = 'pinned', verified_at = $2, updated_at = now(),
                            unlisted = false
          FROM pinq_scan s
          WHERE p.backend_id = $1 AND p.cid = s.cid AND p.status = 'missing'",
     )
     .bind(t.id)
+    .bind(started)
     .execute(&mut *tx)
     .await?
     .rows_affected();
@@ -269,12 +280,13 @@ async fn reconcile(
     c.verified = u64::try_from(verified).unwrap_or(0);
     c.new_unmanaged = sqlx::query(
         "INSERT INTO pins (backend_id, cid, owner, status, pinned_at, verified_at)
-         SELECT $1, s.cid, NULL, 'unmanaged', now(), now() FROM pinq_scan s
+         SELECT $1, s.cid, NULL, 'unmanaged', now(), $2 FROM pinq_scan s
          WHERE NOT EXISTS (SELECT 1 FROM pins p WHERE p.backend_id = $1 AND p.cid = s.cid)
            AND NOT EXISTS (SELECT 1 FROM pinq_busy b WHERE b.cid = s.cid)
          ON CONFLICT (backend_id, cid) DO NOTHING",
     )
     .bind(t.id)
+    .bind(started)
     .execute(&mut *tx)
     .await?
     .rows_affected();
@@ -335,7 +347,7 @@ async fn reconcile(
     sqlx::query("TRUNCATE pinq_scan, pinq_busy")
         .execute(&mut *conn)
         .await?;
-    Ok(c)
+    Ok(Some(c))
 }
 
 /// Copies a chunk of canonical CIDs into a staging table and empties the buffer.
