@@ -108,8 +108,6 @@ pub async fn list(
             let h = health.remove(&b.id);
             let mut v = serde_json::to_value(&b).unwrap_or(Value::Null);
             v["health"] = health_view(h.as_ref());
-            // When the index update last listed the backend's pins in full.
-            v["pins_listed_at"] = json!(h.and_then(|h| h.pins_listed_at));
             v
         })
         .collect();

@@ -103,10 +103,12 @@ pub struct Backend {
     pub status_since: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// When the index update's last complete listing of the backend's pins began.
+    pub pins_listed_at: Option<DateTime<Utc>>,
 }
 
 const BACKEND_COLUMNS: &str =
-    "id, name, kind, url, enabled, status, status_since, created_at, updated_at";
+    "id, name, kind, url, enabled, status, status_since, created_at, updated_at, pins_listed_at";
 
 /// Inserts a backend. A name already taken is a unique violation (see
 /// [`is_unique_violation`]).
@@ -659,7 +661,8 @@ pub async fn finish_job(
     let deferred = matches!(outcome, Outcome::Deferred { .. });
     let (state, attempt_outcome, error, run_at): (&str, &str, Option<&str>, Option<DateTime<Utc>>) =
         match outcome {
-            Outcome::Succeeded => ("succeeded", "succeeded", None, None),
+            // A success is recorded on the row, not in `job_attempts`.
+            Outcome::Succeeded => ("succeeded", "", None, None),
             Outcome::Retry { error, run_at } => ("retry_wait", "retry", Some(error), Some(*run_at)),
             Outcome::Failed { error } => ("failed", "failed", Some(error), None),
             Outcome::Released { reason } => ("queued", "lost", Some(reason), None),

@@ -255,14 +255,12 @@ pub struct BackendHealth {
     pub last_probe_ok: Option<bool>,
     pub last_probe_latency_ms: Option<i32>,
     pub last_probe_error: Option<String>,
-    /// When the last complete listing of the backend's pins by the index update began.
-    pub pins_listed_at: Option<DateTime<Utc>>,
 }
 
 const HEALTH_COLUMNS: &str =
     "id, name, status, status_since, consecutive_failures, consecutive_successes,
      node_version, repo_size, num_objects, last_probe_at, last_probe_ok, last_probe_latency_ms,
-     last_probe_error, pins_listed_at";
+     last_probe_error";
 
 pub async fn all_backend_health(pool: &PgPool) -> Result<Vec<BackendHealth>, sqlx::Error> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(

@@ -9,7 +9,7 @@
 use std::pin::Pin;
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -221,8 +221,8 @@ impl KuboClient {
                 timeout,
             )
             .await?;
-        let bytes = resp.bytes_stream();
-        let lines = ndjson_lines(bytes, BackendError::from_reqwest);
+        let bytes = resp.bytes_stream().map_err(BackendError::from_reqwest);
+        let lines = ndjson_lines(bytes);
         Ok(Box::pin(lines.flat_map(|line| {
             let items: Vec<Result<String, BackendError>> = match line {
                 Err(e) => vec![Err(e)],
@@ -365,13 +365,9 @@ fn parse_pin_ls_line(line: &str) -> Vec<Result<String, BackendError>> {
 /// not shifted once per line (which made memmove 80 % of the scheduler's CPU listing a
 /// million pins), and a line longer than a chunk (a whole non-streamed listing) is not
 /// searched again from its start after each chunk.
-fn ndjson_lines<S, E>(
-    bytes: S,
-    map_err: fn(E) -> BackendError,
-) -> impl Stream<Item = Result<String, BackendError>> + Send
+fn ndjson_lines<S>(bytes: S) -> impl Stream<Item = Result<String, BackendError>> + Send
 where
-    S: Stream<Item = Result<bytes::Bytes, E>> + Send + 'static,
-    E: Send + 'static,
+    S: Stream<Item = Result<bytes::Bytes, BackendError>> + Send + 'static,
 {
     struct Lines<S> {
         bytes: Pin<Box<S>>,
@@ -389,7 +385,7 @@ where
         searched: 0,
         done: false,
     };
-    futures::stream::unfold(state, move |mut st| async move {
+    futures::stream::unfold(state, |mut st| async move {
         loop {
             if let Some(rel) = st.buf[st.searched..].iter().position(|b| *b == b'\n') {
                 let end = st.searched + rel;
@@ -425,7 +421,7 @@ where
                     st.done = true;
                     st.buf.clear();
                     (st.start, st.searched) = (0, 0);
-                    return Some((Err(map_err(e)), st));
+                    return Some((Err(e), st));
                 }
                 None => st.done = true,
             }
@@ -439,11 +435,11 @@ mod tests {
 
     /// The lines of `chunks` as `ndjson_lines` hands them out.
     fn lines_of(chunks: &[&str]) -> Vec<String> {
-        let items: Vec<Result<bytes::Bytes, std::convert::Infallible>> = chunks
+        let items: Vec<Result<bytes::Bytes, BackendError>> = chunks
             .iter()
             .map(|c| Ok(bytes::Bytes::copy_from_slice(c.as_bytes())))
             .collect();
-        let stream = ndjson_lines(futures::stream::iter(items), |e| match e {});
+        let stream = ndjson_lines(futures::stream::iter(items));
         futures::executor::block_on(stream.map(|l| l.expect("no error")).collect())
     }
 
@@ -469,14 +465,12 @@ mod tests {
 
     #[test]
     fn a_broken_stream_ends_with_its_error() {
-        let items: Vec<Result<bytes::Bytes, &'static str>> = vec![
+        let items: Vec<Result<bytes::Bytes, BackendError>> = vec![
             Ok(bytes::Bytes::from_static(b"one\ntw")),
-            Err("reset"),
+            Err(BackendError::Interrupted("reset".into())),
             Ok(bytes::Bytes::from_static(b"o\n")),
         ];
-        let stream = ndjson_lines(futures::stream::iter(items), |e| {
-            BackendError::Interrupted(e.to_owned())
-        });
+        let stream = ndjson_lines(futures::stream::iter(items));
         let got: Vec<Result<String, BackendError>> = futures::executor::block_on(stream.collect());
         assert_eq!(got.len(), 2, "{got:?}");
         assert_eq!(got[0].as_deref().ok(), Some("one"));

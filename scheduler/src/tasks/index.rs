@@ -162,18 +162,14 @@ async fn reconcile(
     // The listing is copied as it comes into a table without an index, then sorted once
     // into the indexed one: inserting a million CIDs in the listing's (random) order into a
     // B-tree took about twice as long as the copy and the sort together.
-    sqlx::query("CREATE TEMP TABLE IF NOT EXISTS pinq_listed (cid text)")
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query("CREATE TEMP TABLE IF NOT EXISTS pinq_scan (cid text PRIMARY KEY)")
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query("CREATE TEMP TABLE IF NOT EXISTS pinq_busy (cid text PRIMARY KEY)")
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query("TRUNCATE pinq_listed, pinq_scan, pinq_busy")
-        .execute(&mut *conn)
-        .await?;
+    sqlx::raw_sql(
+        "CREATE TEMP TABLE IF NOT EXISTS pinq_listed (cid text);
+         CREATE TEMP TABLE IF NOT EXISTS pinq_scan (cid text PRIMARY KEY);
+         CREATE TEMP TABLE IF NOT EXISTS pinq_busy (cid text PRIMARY KEY);
+         TRUNCATE pinq_listed, pinq_scan, pinq_busy",
+    )
+    .execute(&mut *conn)
+    .await?;
     let started: DateTime<Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
         .fetch_one(&mut *conn)
         .await?;
@@ -191,20 +187,20 @@ async fn reconcile(
             None => c.unparsable += 1,
         }
         if buf.len() >= chunk {
-            stage(&mut conn, "pinq_listed", &mut buf).await?;
+            stage(&mut conn, STAGE_LISTED, &mut buf).await?;
             if ctx.shutdown.is_cancelled() {
                 anyhow::bail!("interrupted by shutdown");
             }
         }
     }
-    stage(&mut conn, "pinq_listed", &mut buf).await?;
+    stage(&mut conn, STAGE_LISTED, &mut buf).await?;
     drop(stream);
-    sqlx::query("INSERT INTO pinq_scan (cid) SELECT DISTINCT cid FROM pinq_listed ORDER BY cid")
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query("TRUNCATE pinq_listed")
-        .execute(&mut *conn)
-        .await?;
+    sqlx::raw_sql(
+        "INSERT INTO pinq_scan (cid) SELECT DISTINCT cid FROM pinq_listed ORDER BY cid;
+         TRUNCATE pinq_listed",
+    )
+    .execute(&mut *conn)
+    .await?;
 
     // CIDs with a pending job on this backend: a job will settle them, so they are
     // neither missing nor repaired nor recorded as unmanaged now. Jobs keep the submitted
@@ -223,13 +219,25 @@ async fn reconcile(
                 }
             }
             if buf.len() >= chunk {
-                stage(&mut conn, "pinq_busy", &mut buf).await?;
+                stage(&mut conn, STAGE_BUSY, &mut buf).await?;
             }
         }
     }
-    stage(&mut conn, "pinq_busy", &mut buf).await?;
-    sqlx::query("ANALYZE pinq_scan").execute(&mut *conn).await?;
-    sqlx::query("ANALYZE pinq_busy").execute(&mut *conn).await?;
+    stage(&mut conn, STAGE_BUSY, &mut buf).await?;
+    sqlx::raw_sql("ANALYZE pinq_scan, pinq_busy")
+        .execute(&mut *conn)
+        .await?;
+    // The listed rows that are the index's (`missing` ones are about to be restored), counted
+    // before the backend is locked: the figures are the run's report, not its work.
+    let (verified, known_unmanaged): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE p.status IN ('pinned', 'missing')),
+                count(*) FILTER (WHERE p.status = 'unmanaged')
+         FROM pins p JOIN pinq_scan s ON s.cid = p.cid
+         WHERE p.backend_id = $1",
+    )
+    .bind(t.id)
+    .fetch_one(&mut *conn)
+    .await?;
 
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     // The backend's row is locked first, as a backend's delete locks it before its pins:
@@ -245,6 +253,9 @@ async fn reconcile(
     // over a newer one (restore what that one found missing, and so on): it is dropped.
     if prev_mark.is_some_and(|m| m >= started) {
         tx.rollback().await?;
+        sqlx::raw_sql("TRUNCATE pinq_scan, pinq_busy")
+            .execute(&mut *conn)
+            .await?;
         return Ok(None);
     }
     c.restored = sqlx::query(
@@ -267,15 +278,6 @@ async fn reconcile(
     )
     .bind(t.id)
     .execute(&mut *tx)
-    .await?;
-    let (verified, known_unmanaged): (i64, i64) = sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE p.status = 'pinned'),
-                count(*) FILTER (WHERE p.status = 'unmanaged')
-         FROM pins p JOIN pinq_scan s ON s.cid = p.cid
-         WHERE p.backend_id = $1",
-    )
-    .bind(t.id)
-    .fetch_one(&mut *tx)
     .await?;
     c.verified = u64::try_from(verified).unwrap_or(0);
     c.new_unmanaged = sqlx::query(
@@ -344,25 +346,28 @@ async fn reconcile(
     tx.commit().await?;
 
     c.repaired = repair(ctx, &mut conn, t, priority).await?;
-    sqlx::query("TRUNCATE pinq_scan, pinq_busy")
+    sqlx::raw_sql("TRUNCATE pinq_scan, pinq_busy")
         .execute(&mut *conn)
         .await?;
     Ok(Some(c))
 }
 
-/// Copies a chunk of canonical CIDs into a staging table and empties the buffer.
+/// Copies a chunk of the listing into its unindexed staging table.
+const STAGE_LISTED: &str = "INSERT INTO pinq_listed (cid) SELECT unnest($1::text[])";
+/// Copies a chunk of pending jobs' CIDs into `pinq_busy`.
+const STAGE_BUSY: &str =
+    "INSERT INTO pinq_busy (cid) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING";
+
+/// Copies a chunk of canonical CIDs with `sql` (one of the `STAGE_` statements) and
+/// empties the buffer.
 async fn stage(
     conn: &mut PgConnection,
-    table: &'static str,
+    sql: &'static str,
     buf: &mut Vec<String>,
 ) -> anyhow::Result<()> {
     if buf.is_empty() {
         return Ok(());
     }
-    let sql = match table {
-        "pinq_listed" => "INSERT INTO pinq_listed (cid) SELECT unnest($1::text[])",
-        _ => "INSERT INTO pinq_busy (cid) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
-    };
     sqlx::query(sql).bind(&*buf).execute(&mut *conn).await?;
     buf.clear();
     Ok(())

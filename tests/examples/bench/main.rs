@@ -557,11 +557,7 @@ async fn ingest(opts: &Opts) -> anyhow::Result<Outcome> {
     // The API is the mark's own process; `pinq` among the programs is the scheduler.
     let api_cpu_s = ((cpu1.process_s - cpu0.process_s) * 100.0).round() / 100.0;
     let cpu = cpu0.by_program(&cpu1);
-    let (wal_bytes,): (f64,) =
-        sqlx::query_as("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::pg_lsn)::float8")
-            .bind(&wal0)
-            .fetch_one(s.pool())
-            .await?;
+    let wal_bytes = wal_since(s.pool(), &wal0).await?;
     let mut took: Vec<f64> = sent.iter().map(|x| x.took.as_secs_f64() * 1000.0).collect();
     took.sort_by(f64::total_cmp);
     let memory = watch.finish();
@@ -632,6 +628,16 @@ async fn wal_lsn(pool: &PgPool) -> anyhow::Result<String> {
         .fetch_one(pool)
         .await?;
     Ok(lsn)
+}
+
+/// Bytes of WAL the whole server wrote since `lsn` (from [`wal_lsn`]).
+async fn wal_since(pool: &PgPool, lsn: &str) -> anyhow::Result<f64> {
+    let (bytes,): (f64,) =
+        sqlx::query_as("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::pg_lsn)::float8")
+            .bind(lsn)
+            .fetch_one(pool)
+            .await?;
+    Ok(bytes)
 }
 
 /// End to end: 100,000 pin jobs from first submit to last `succeeded`.
@@ -1206,11 +1212,7 @@ async fn index_update(opts: &Opts) -> anyhow::Result<Outcome> {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         let cpu1 = rss::CpuMark::read(scheduler_pid);
-        let (wal_bytes,): (f64,) =
-            sqlx::query_as("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::pg_lsn)::float8")
-                .bind(&wal0)
-                .fetch_one(s.pool())
-                .await?;
+        let wal_bytes = wal_since(s.pool(), &wal0).await?;
         let (rewritten,): (i64,) = sqlx::query_as(
             "SELECT count(*) FROM pins p JOIN bench_rows r USING (cid) WHERE p.xmin::text <> r.x",
         )
