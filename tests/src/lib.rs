@@ -131,6 +131,18 @@ impl TestDb {
         })
     }
 
+    /// Registers a backend with columns every schema version has, for the migration tests
+    /// that start from an older schema (`db::insert_backend` returns today's columns).
+    pub async fn insert_backend_row(&self, name: &str) -> anyhow::Result<Uuid> {
+        Ok(sqlx::query_scalar(
+            "INSERT INTO backends (id, name, kind, url)
+             VALUES (gen_random_uuid(), $1, 'kubo', 'http://127.0.0.1:9') RETURNING id",
+        )
+        .bind(name)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     /// Counts rows of a table (test-only helper; the table name is a literal of the test).
     pub async fn count(&self, table: &'static str) -> i64 {
         let sql = format!("SELECT count(*) FROM {table}");

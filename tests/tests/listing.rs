@@ -499,9 +499,9 @@ async fn recent_percentiles_follow_the_jobs_and_a_recount_mends_the_tallies() ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tallies_migration_counts_the_jobs_already_there() -> anyhow::Result<()> {
     let db = TestDb::create_migrated_to(20261127000010).await?;
-    let backend = db::insert_backend(&db.pool, "b", "kubo", "http://127.0.0.1:9").await?;
+    let backend = db.insert_backend_row("b").await?;
     for owner in ["alice", "bob"] {
-        let jobs = (0..30).map(|s| job(backend.id, s, &random_cid())).collect();
+        let jobs = (0..30).map(|s| job(backend, s, &random_cid())).collect();
         store(&db, owner, jobs).await?;
     }
     sqlx::query(

@@ -632,12 +632,8 @@ async fn the_unblocked_scan_reads_one_page_of_parked_jobs_a_pass() -> anyhow::Re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pin_owners_migration_records_the_holders_the_old_index_missed() -> anyhow::Result<()> {
     let db = TestDb::create_migrated_to(20261127000008).await?;
-    let b = db::insert_backend(&db.pool, "b", "kubo", "http://127.0.0.1:9")
-        .await?
-        .id;
-    let c = db::insert_backend(&db.pool, "c", "kubo", "http://127.0.0.1:9")
-        .await?
-        .id;
+    let b = db.insert_backend_row("b").await?;
+    let c = db.insert_backend_row("c").await?;
     let (x, y, u) = (random_cid(), random_cid(), random_cid());
     let key = |c: &str| canonical_of(c).expect("valid CID");
     for (cid, owner, status) in [
@@ -774,9 +770,9 @@ async fn the_pin_owners_migration_records_the_holders_the_old_index_missed() -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn successes_are_listed_once_from_their_records_or_their_rows() -> anyhow::Result<()> {
     let db = TestDb::create_migrated_to(20261127000011).await?;
-    let backend = db::insert_backend(&db.pool, "b", "kubo", "http://127.0.0.1:9").await?;
+    let backend = db.insert_backend_row("b").await?;
     let jobs = (0..4)
-        .map(|s| job(backend.id, s, Op::Pin, &random_cid()))
+        .map(|s| job(backend, s, Op::Pin, &random_cid()))
         .collect();
     let (_, ids) = store(&db, "alice", jobs).await?;
     let worker = Uuid::now_v7();
