@@ -107,7 +107,8 @@ pub struct Backend {
     pub pins_listed_at: Option<DateTime<Utc>>,
 }
 
-const BACKEND_COLUMNS: &str =
+/// The columns of [`Backend`], for every query that reads one.
+pub(crate) const BACKEND_COLUMNS: &str =
     "id, name, kind, url, enabled, status, status_since, created_at, updated_at, pins_listed_at";
 
 /// Inserts a backend. A name already taken is a unique violation (see

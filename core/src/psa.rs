@@ -583,10 +583,10 @@ async fn backends_named(
     tx: &mut Transaction<'_, Postgres>,
     names: &[String],
 ) -> Result<Vec<Backend>, sqlx::Error> {
-    let mut found: Vec<Backend> = sqlx::query_as(
-        "SELECT id, name, kind, url, enabled, status, status_since, created_at, updated_at
-         FROM backends WHERE name = ANY($1)",
-    )
+    let mut found: Vec<Backend> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {} FROM backends WHERE name = ANY($1)",
+        db::BACKEND_COLUMNS
+    )))
     .bind(names)
     .fetch_all(&mut **tx)
     .await?;
