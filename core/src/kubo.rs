@@ -100,6 +100,10 @@ pub struct RepoStat {
 pub struct KuboClient {
     http: reqwest::Client,
     base: String,
+    /// `{base}/api/v0/`, parsed once: a call joins its path to it, which reads neither the
+    /// scheme nor the host again. `None` if the base is not a URL (each call then fails as
+    /// the HTTP client reports it).
+    api: Option<reqwest::Url>,
 }
 
 /// The timeout of calls that should answer at once (id, version, repo/stat, pin/rm).
@@ -110,10 +114,9 @@ const TIMEOUT_SLACK: Duration = Duration::from_secs(5);
 
 impl KuboClient {
     pub fn new(http: reqwest::Client, base_url: &str) -> Self {
-        KuboClient {
-            http,
-            base: base_url.trim_end_matches('/').to_owned(),
-        }
+        let base = base_url.trim_end_matches('/').to_owned();
+        let api = reqwest::Url::parse(&format!("{base}/api/v0/")).ok();
+        KuboClient { http, base, api }
     }
 
     /// A `reqwest::Client` suited to backend calls, to share between clients.
@@ -129,19 +132,31 @@ impl KuboClient {
         &self.base
     }
 
+    /// The URL of an RPC call: `{base}/api/v0/{path}?{query}`, the query form-encoded.
+    fn url(&self, path: &str, query: &[(&str, &str)]) -> Option<reqwest::Url> {
+        let mut url = self.api.as_ref()?.join(path).ok()?;
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
+        Some(url)
+    }
+
     async fn call(
         &self,
         path: &str,
         query: &[(&str, &str)],
         timeout: Duration,
     ) -> Result<reqwest::Response, BackendError> {
-        let url = format!("{}/api/v0/{}", self.base, path);
-        let resp = self
-            .http
-            .post(&url)
-            .query(query)
-            .timeout(timeout)
-            .send()
+        let request = match self.url(path, query) {
+            Some(url) => self.http.post(url),
+            None => self
+                .http
+                .post(format!("{}/api/v0/{}", self.base, path))
+                .query(query),
+        };
+        // Boxed: the request's future is large, and the futures that await a call are
+        // moved (into the worker's groups of jobs, for one) before they first run.
+        let resp = Box::pin(request.timeout(timeout).send())
             .await
             .map_err(BackendError::from_reqwest)?;
         let status = resp.status();
@@ -475,6 +490,25 @@ mod tests {
         assert_eq!(got.len(), 2, "{got:?}");
         assert_eq!(got[0].as_deref().ok(), Some("one"));
         assert!(matches!(&got[1], Err(BackendError::Interrupted(m)) if m == "reset"));
+    }
+
+    #[test]
+    fn builds_call_urls_from_the_parsed_base() {
+        let http = reqwest::Client::new();
+        let q = [("arg", "bafy a&b=c/ü"), ("recursive", "true")];
+        let plain = KuboClient::new(http.clone(), "http://127.0.0.1:5001/");
+        assert_eq!(
+            plain.url("pin/add", &q).map(String::from).as_deref(),
+            Some("http://127.0.0.1:5001/api/v0/pin/add?arg=bafy+a%26b%3Dc%2F%C3%BC&recursive=true")
+        );
+        // A base behind a path prefix keeps it; userinfo stays too.
+        let prefixed = KuboClient::new(http.clone(), "http://u:p@node.example:8080/ipfs-rpc");
+        assert_eq!(
+            prefixed.url("id", &[]).map(String::from).as_deref(),
+            Some("http://u:p@node.example:8080/ipfs-rpc/api/v0/id")
+        );
+        // Not a URL: no URL, so the call reports the HTTP client's own error.
+        assert!(KuboClient::new(http, "not a url").url("id", &[]).is_none());
     }
 
     #[test]

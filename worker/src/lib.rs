@@ -83,7 +83,8 @@ struct Ctx {
     pool: PgPool,
     args: WorkerArgs,
     http: reqwest::Client,
-    backends: RwLock<HashMap<Uuid, (tokio::time::Instant, Backend)>>,
+    /// Backends read recently, each with its client, for [`BACKEND_CACHE_TTL`].
+    backends: RwLock<HashMap<Uuid, (tokio::time::Instant, Arc<CachedBackend>)>>,
     in_flight: AtomicUsize,
     /// One permit per job claimed and not yet done calling its backend: the concurrency
     /// plus a small headroom (see [`claim_headroom`]).
@@ -98,6 +99,12 @@ struct Ctx {
     tasks: TaskTracker,
     /// Cancelled on SIGTERM: deliveries not claimed yet go back to the queue.
     stopping: CancellationToken,
+}
+
+/// A backend as last read, with a client for its URL.
+struct CachedBackend {
+    backend: Backend,
+    client: KuboClient,
 }
 
 /// A successful job for the completer to record; `written` says whether the lease was
@@ -436,8 +443,8 @@ async fn run_job(
     // an attempt, and the worker moves on to jobs for healthy backends. (An unpin that only
     // removes its owner's reference does not call it, and goes on.)
     let backend = match backend(ctx, job.backend_id).await {
-        Ok(b) if b.status == "down" && job.calls_node() => {
-            tracing::info!(job_id = %job.id, backend = %b.name, "backend is down; job deferred");
+        Ok(b) if b.backend.status == "down" && job.calls_node() => {
+            tracing::info!(job_id = %job.id, backend = %b.backend.name, "backend is down; job deferred");
             let run_at =
                 Utc::now() + chrono::Duration::from_std(DOWN_BACKEND_DEFER).unwrap_or_default();
             write_outcome(ctx, job, &Outcome::Deferred { run_at }).await;
@@ -677,7 +684,7 @@ async fn keep_leases(
     }
 }
 
-async fn backend(ctx: &Ctx, id: Uuid) -> Result<Backend, BackendError> {
+async fn backend(ctx: &Ctx, id: Uuid) -> Result<Arc<CachedBackend>, BackendError> {
     if let Some((at, b)) = ctx.backends.read().await.get(&id)
         && at.elapsed() < BACKEND_CACHE_TTL
     {
@@ -692,6 +699,10 @@ async fn backend(ctx: &Ctx, id: Uuid) -> Result<Backend, BackendError> {
             message: format!("backend {id} no longer exists"),
         });
     };
+    let b = Arc::new(CachedBackend {
+        client: KuboClient::new(ctx.http.clone(), &b.url),
+        backend: b,
+    });
     ctx.backends
         .write()
         .await
@@ -703,7 +714,7 @@ async fn backend(ctx: &Ctx, id: Uuid) -> Result<Backend, BackendError> {
 async fn execute(
     ctx: &Ctx,
     job: &ClaimedJob,
-    backend: Result<Backend, BackendError>,
+    backend: Result<Arc<CachedBackend>, BackendError>,
 ) -> Result<(), BackendError> {
     // An unpin takes away this owner's reference; the node unpins only what no other
     // owner (or nobody in pinq) still holds.
@@ -711,14 +722,14 @@ async fn execute(
         tracing::debug!(job_id = %job.id, cid = %job.cid, "others still hold this pin; only this owner's reference is removed");
         return Ok(());
     }
-    let backend = backend?;
-    if !backend.enabled {
+    let cached = backend?;
+    if !cached.backend.enabled {
         return Err(BackendError::Transient {
             status: 503,
-            message: format!("backend '{}' is disabled", backend.name),
+            message: format!("backend '{}' is disabled", cached.backend.name),
         });
     }
-    let client = KuboClient::new(ctx.http.clone(), &backend.url);
+    let client = &cached.client;
     let timeout = Duration::from_secs(ctx.args.pin_timeout_secs.max(1));
     let op: Op = job.op.parse().map_err(|_| BackendError::Rejected {
         status: 400,
