@@ -408,6 +408,19 @@ struct Drained {
     mean_poll_ms: f64,
 }
 
+/// What [`wait_finished`] counts at each poll.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Poll {
+    /// The unfinished jobs of the batches waited for: a scan of their jobs each time.
+    Batches,
+    /// The unfinished jobs of the whole database, from the job counts pinq's triggers keep
+    /// (`job_tallies`, a few rows whatever the jobs): for a stack whose every unfinished
+    /// job belongs to the batches waited for. The end is then confirmed by [`Poll::Batches`]
+    /// once. A scan of 100,000 jobs every 500 ms took about 90 ms of PostgreSQL a time,
+    /// some 13 µs a job of the end-to-end run on a core the run needs.
+    Tallies,
+}
+
 /// Polls PostgreSQL every `every` until `total` jobs of `batches` have finished, or
 /// until the timeout, or until nothing has finished for the stall time.
 async fn wait_finished(
@@ -416,23 +429,36 @@ async fn wait_finished(
     total: i64,
     since: Instant,
     every: Duration,
+    poll: Poll,
     opts: &Opts,
 ) -> anyhow::Result<Drained> {
     let mut polls = 0u32;
     let mut poll_time = Duration::ZERO;
     let (mut last_finished, mut last_change) = (-1, Instant::now());
+    let mut how = poll;
     loop {
-        // The poll counts what is left, not what is done: its cost shrinks as the run
-        // progresses instead of growing, so it disturbs the figures less. (Every batch
-        // passed in was accepted, so all its jobs are stored.)
         let t = Instant::now();
-        let (unfinished,): (i64,) = sqlx::query_as(
-            "SELECT count(*) FROM jobs
-             WHERE batch_id = ANY($1) AND state IN ('queued', 'running', 'retry_wait')",
-        )
-        .bind(batches)
-        .fetch_one(pool)
-        .await?;
+        let unfinished: i64 = if how == Poll::Tallies {
+            let (n,): (Option<i64>,) = sqlx::query_as(
+                "SELECT sum(n)::int8 FROM job_tallies
+                 WHERE state IN ('queued', 'running', 'retry_wait')",
+            )
+            .fetch_one(pool)
+            .await?;
+            n.unwrap_or(0)
+        } else {
+            // The poll counts what is left, not what is done: its cost shrinks as the run
+            // progresses instead of growing, so it disturbs the figures less. (Every batch
+            // passed in was accepted, so all its jobs are stored.)
+            let (n,): (i64,) = sqlx::query_as(
+                "SELECT count(*) FROM jobs
+                 WHERE batch_id = ANY($1) AND state IN ('queued', 'running', 'retry_wait')",
+            )
+            .bind(batches)
+            .fetch_one(pool)
+            .await?;
+            n
+        };
         polls += 1;
         poll_time += t.elapsed();
         let finished = total - unfinished;
@@ -440,6 +466,11 @@ async fn wait_finished(
             (last_finished, last_change) = (finished, Instant::now());
         }
         let complete = finished >= total;
+        if complete && how == Poll::Tallies {
+            // The end, confirmed by the batches' own jobs at once.
+            how = Poll::Batches;
+            continue;
+        }
         let stalled = last_change.elapsed() > opts.stall();
         if stalled {
             eprintln!(
@@ -650,6 +681,7 @@ async fn e2e(opts: &Opts, workers: usize) -> anyhow::Result<Outcome> {
     let s = BenchStack::start(opts, workers, opts.concurrency, Some(config)).await?;
     let bodies = s.bodies(0, opts.jobs, opts.batch_ops, 1);
     let watch = RssWatch::start(s.procs());
+    let cpu = JobCpu::start(&s);
     let t0 = Instant::now();
     let t0_unix = unix_now();
     let (sent, submit_wall) = s.submitter().send_all(bodies, opts.clients).await?;
@@ -662,9 +694,11 @@ async fn e2e(opts: &Opts, workers: usize) -> anyhow::Result<Outcome> {
         opts.jobs as i64,
         t0,
         Duration::from_millis(500),
+        Poll::Tallies,
         opts,
     )
     .await?;
+    let cpu = cpu.per_job(drained.succeeded.max(1) as f64);
     let memory = watch.finish();
     let phases = phases(s.pool(), &batch_ids, t0_unix).await?;
     // First send to the last `finished_at`; the poll's own delay is not counted.
@@ -728,6 +762,21 @@ async fn e2e(opts: &Opts, workers: usize) -> anyhow::Result<Outcome> {
             "x",
         ));
     }
+    for (key, what) in [
+        ("all_us", "CPU per job: the whole machine"),
+        ("postgres_us", "CPU per job: PostgreSQL"),
+        ("workers_us", "CPU per job: worker(s)"),
+        ("bench_us", "CPU per job: the bench (Kubo double, clients)"),
+        ("rabbitmq_us", "CPU per job: RabbitMQ"),
+        ("api_us", "CPU per job: api"),
+    ] {
+        metrics.push(Metric::new(
+            &scenario,
+            what,
+            cpu[key].as_f64().unwrap_or(f64::NAN),
+            "us",
+        ));
+    }
     for (label, _) in s.procs() {
         let peak = memory[&label]["vmhwm_mib"].as_f64().unwrap_or(0.0);
         metrics.push(Metric::new(
@@ -740,6 +789,7 @@ async fn e2e(opts: &Opts, workers: usize) -> anyhow::Result<Outcome> {
     Ok(Outcome {
         metrics,
         details: json!({
+            "cpu_per_job": cpu,
             "workers": workers,
             "succeeded_per_worker": shares,
             "concurrency": opts.concurrency,
@@ -758,6 +808,63 @@ async fn e2e(opts: &Opts, workers: usize) -> anyhow::Result<Outcome> {
             "loadavg_after": report::loadavg(),
         }),
     })
+}
+
+/// The CPU a run used, per job: each of pinq's processes, the bench (which holds the
+/// Kubo double and the submitting clients), PostgreSQL, RabbitMQ and the rest, from
+/// `/proc`. It tells where the end-to-end rate's CPU budget goes (two cores at 25,000
+/// jobs/s leave 80 µs a job) and moves less with the host's speed than the rate does.
+struct JobCpu {
+    machine: rss::CpuMark,
+    procs: Vec<(String, i32, f64)>,
+}
+
+impl JobCpu {
+    fn start(s: &BenchStack) -> JobCpu {
+        let procs = s
+            .procs()
+            .into_iter()
+            .map(|(label, pid)| (label, pid, rss::process_cpu_s(pid)))
+            .collect();
+        JobCpu {
+            machine: rss::CpuMark::read(std::process::id() as i32),
+            procs,
+        }
+    }
+
+    /// Microseconds of CPU per job since [`JobCpu::start`], for `jobs` jobs.
+    fn per_job(&self, jobs: f64) -> Value {
+        let now = rss::CpuMark::read(std::process::id() as i32);
+        let us = |secs: f64| (secs * 1e6 / jobs).round();
+        let mut out = serde_json::Map::new();
+        let mut workers = 0.0;
+        for (label, pid, before) in &self.procs {
+            let used = rss::process_cpu_s(*pid) - before;
+            if label.starts_with("worker") {
+                workers += used;
+            }
+            out.insert(format!("{label}_us"), json!(us(used)));
+        }
+        out.insert("workers_us".into(), json!(us(workers)));
+        out.insert(
+            "bench_us".into(),
+            json!(us(now.process_s - self.machine.process_s)),
+        );
+        let by_program = self.machine.by_program(&now);
+        for (program, secs) in by_program.as_object().into_iter().flatten() {
+            if program != "pinq" && program != "bench" {
+                out.insert(
+                    format!("{program}_us"),
+                    json!(us(secs.as_f64().unwrap_or(0.0))),
+                );
+            }
+        }
+        out.insert(
+            "all_us".into(),
+            json!(us(now.machine_busy_s - self.machine.machine_busy_s)),
+        );
+        Value::Object(out)
+    }
 }
 
 /// Latency at a steady offered load: a batch every 10 ms, `latency_warmup_secs` of warm-up
@@ -825,6 +932,7 @@ async fn latency(opts: &Opts) -> anyhow::Result<Outcome> {
         total,
         Instant::now(),
         Duration::from_millis(50),
+        Poll::Batches,
         opts,
     )
     .await?;
@@ -984,6 +1092,7 @@ async fn priority(opts: &Opts) -> anyhow::Result<Outcome> {
         opts.priority_batch as i64,
         Instant::now(),
         Duration::from_millis(20),
+        Poll::Batches,
         opts,
     )
     .await?;
@@ -1396,6 +1505,7 @@ async fn realnode(opts: &Opts) -> anyhow::Result<Outcome> {
     let (mut direct_pins, mut direct_s, mut pinq_pins, mut pinq_s) = (0usize, 0.0, 0i64, 0.0);
     let mut runs = Vec::new();
     let mut incomplete = None;
+    let mut left_unfinished = false;
     for round in 0..=rounds {
         let set = sets.next().unwrap_or_default();
         let cpu0 = rss::CpuMark::read(node_pid);
@@ -1427,9 +1537,16 @@ async fn realnode(opts: &Opts) -> anyhow::Result<Outcome> {
             // The rate comes from the jobs' timestamps; the poll only notices the end, so
             // it runs rarely and takes little of the CPU the node and pinq share.
             Duration::from_millis(500),
+            // Cheap while every earlier run's jobs have finished.
+            if left_unfinished {
+                Poll::Batches
+            } else {
+                Poll::Tallies
+            },
             opts,
         )
         .await?;
+        left_unfinished |= !drained.complete;
         let cpu = cpu0.until(&rss::CpuMark::read(node_pid));
         // From the first send to the last job's `finished_at`, like the direct client's
         // time (first request to last answer); the poll's own delay is not counted.

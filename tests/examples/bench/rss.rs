@@ -104,6 +104,12 @@ fn round_cs(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
+/// The CPU (user and system) one process has used so far, in seconds; NaN once it is
+/// gone.
+pub fn process_cpu_s(pid: i32) -> f64 {
+    proc_cpu(pid).map_or(f64::NAN, |(_, s)| s)
+}
+
 /// `(command name, utime + stime in seconds)` of one process.
 fn proc_cpu(pid: i32) -> Option<(String, f64)> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -140,7 +146,7 @@ fn program_of(comm: &str, pid: i32) -> &'static str {
 
 impl CpuMark {
     pub fn read(pid: i32) -> CpuMark {
-        let process = proc_cpu(pid).map_or(f64::NAN, |(_, s)| s);
+        let process = process_cpu_s(pid);
         let mut programs = BTreeMap::new();
         if let Ok(dir) = std::fs::read_dir("/proc") {
             for entry in dir.flatten() {
