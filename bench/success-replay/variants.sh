@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Where a group of successes spends PostgreSQL's time: replays, with pgbench, the shape of
+# today's success statement (`current.sql`: 32 running jobs locked in id order, marked
+# succeeded, their pin-index upserts) against the same statement with one part taken away
+# at a time (docs/performance.md, "Where the time goes"):
+#
+#   nolock     no `FOR UPDATE` of the jobs before the update (the update locks them itself,
+#              in the plan's order)
+#   plain      the pins inserted without `ON CONFLICT` (every pin is new here)
+#   nopinscid  without the `pins_cid` index
+#   notrigger  without the job-tally trigger on updates (`jobs_tally_update`)
+#
+#   bench/success-replay/variants.sh   # 3 rounds, 4 clients, 32 jobs a statement
+#
+# Uses a scratch database `pinq_success_variants` on $PGHOST (default 127.0.0.1), migrated
+# with migrations/*.sql and dropped at the end; the settings are those of run.sh.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+export PGHOST="${PGHOST:-127.0.0.1}" PGUSER="${PGUSER:-postgres}"
+db=pinq_success_variants
+runs="${RUNS:-3}"
+tmp=$(mktemp -d)
+
+psql -qX -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null 2>&1
+trap 'psql -qX -c "DROP DATABASE IF EXISTS $db" >/dev/null; rm -rf "$tmp"' EXIT
+for m in ../../migrations/*.sql; do
+    psql -qX -1 -v ON_ERROR_STOP=1 -d "$db" -f "$m" >/dev/null
+done
+sed 's/ ORDER BY j.id FOR UPDATE OF j//' current.sql >"$tmp/nolock.sql"
+# Everything from ON CONFLICT to the end of the upsert goes.
+sed -e '/ON CONFLICT/d' -e 's/FROM done ORDER BY backend_id, cid$/FROM done ORDER BY backend_id, cid)/' \
+    current.sql >"$tmp/plain.sql"
+
+one() { # label, statement file, SQL before, SQL after
+    psql -qX -v ON_ERROR_STOP=1 -d "$db" -f setup.sql >/dev/null 2>&1
+    if [ -n "$3" ]; then psql -qX -v ON_ERROR_STOP=1 -d "$db" -c "$3" >/dev/null; fi
+    sleep 1
+    PGOPTIONS='-c plan_cache_mode=force_generic_plan -c enable_hashjoin=off -c enable_mergejoin=off' \
+        pgbench -n -M prepared -c 4 -j 2 -t 781 -f "$2" "$db" 2>/dev/null |
+        awk -v what="$1" '/^tps/ {printf "%-10s %8.0f jobs/s\n", what, $3 * 32}'
+    if [ -n "$4" ]; then psql -qX -v ON_ERROR_STOP=1 -d "$db" -c "$4" >/dev/null; fi
+}
+
+for _ in $(seq "$runs"); do
+    one current current.sql "" ""
+    one nolock "$tmp/nolock.sql" "" ""
+    one plain "$tmp/plain.sql" "" ""
+    one nopinscid current.sql "DROP INDEX pins_cid" "CREATE INDEX pins_cid ON pins (cid)"
+    one notrigger current.sql "ALTER TABLE jobs DISABLE TRIGGER jobs_tally_update" \
+        "ALTER TABLE jobs ENABLE TRIGGER jobs_tally_update"
+done
