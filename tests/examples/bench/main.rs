@@ -819,16 +819,27 @@ struct JobCpu {
     procs: Vec<(String, i32, f64)>,
 }
 
+/// The CPU each of a stack's processes has used so far: `(label, pid, seconds)`.
+fn procs_cpu(s: &BenchStack) -> Vec<(String, i32, f64)> {
+    s.procs()
+        .into_iter()
+        .map(|(label, pid)| (label, pid, rss::process_cpu_s(pid)))
+        .collect()
+}
+
+/// What each process used since `before` ([`procs_cpu`]), in seconds.
+fn procs_used(before: &[(String, i32, f64)]) -> Vec<(&str, f64)> {
+    before
+        .iter()
+        .map(|(label, pid, secs)| (label.as_str(), rss::process_cpu_s(*pid) - secs))
+        .collect()
+}
+
 impl JobCpu {
     fn start(s: &BenchStack) -> JobCpu {
-        let procs = s
-            .procs()
-            .into_iter()
-            .map(|(label, pid)| (label, pid, rss::process_cpu_s(pid)))
-            .collect();
         JobCpu {
             machine: rss::CpuMark::read(std::process::id() as i32),
-            procs,
+            procs: procs_cpu(s),
         }
     }
 
@@ -838,8 +849,7 @@ impl JobCpu {
         let us = |secs: f64| (secs * 1e6 / jobs).round();
         let mut out = serde_json::Map::new();
         let mut workers = 0.0;
-        for (label, pid, before) in &self.procs {
-            let used = rss::process_cpu_s(*pid) - before;
+        for (label, used) in procs_used(&self.procs) {
             if label.starts_with("worker") {
                 workers += used;
             }
@@ -1526,6 +1536,7 @@ async fn realnode(opts: &Opts) -> anyhow::Result<Outcome> {
             .map(|c| pin_body(c, 5, "local"))
             .collect();
         let cpu0 = rss::CpuMark::read(node_pid);
+        let procs0 = procs_cpu(&s);
         let t0 = Instant::now();
         let t0_unix = unix_now();
         let (sent, _) = s.submitter().send_all(bodies, 1).await?;
@@ -1547,7 +1558,13 @@ async fn realnode(opts: &Opts) -> anyhow::Result<Outcome> {
         )
         .await?;
         left_unfinished |= !drained.complete;
-        let cpu = cpu0.until(&rss::CpuMark::read(node_pid));
+        let mut cpu = cpu0.until(&rss::CpuMark::read(node_pid));
+        // pinq's share, split by process.
+        cpu["pinq_by_process_cpu_s"] = procs_used(&procs0)
+            .into_iter()
+            .map(|(label, secs)| (label.to_owned(), json!((secs * 100.0).round() / 100.0)))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
         // From the first send to the last job's `finished_at`, like the direct client's
         // time (first request to last answer); the poll's own delay is not counted.
         let phases = phases(s.pool(), &ids(&sent), t0_unix).await?;
