@@ -147,14 +147,19 @@ pub async fn submit(
     for (seq, op) in request.ops.iter().enumerate() {
         let cid_key = op.cid.canonical();
         let replaces_key = op.replaces.map(|c| c.canonical());
+        let cid = op.cid.spelled(&cid_key);
+        let replaces_cid = op
+            .replaces
+            .zip(replaces_key.as_deref())
+            .map(|(c, k)| c.spelled(k));
         for backend in &backends {
             jobs.push(NewJob {
                 id: Uuid::now_v7(),
                 seq: seq as i32,
                 backend_id: backend.id,
                 op: op.op,
-                cid: op.cid.to_string(),
-                replaces_cid: op.replaces.map(|c| c.to_string()),
+                cid: cid.clone(),
+                replaces_cid: replaces_cid.clone(),
                 cid_key: cid_key.clone(),
                 replaces_key: replaces_key.clone(),
                 name: op.name.clone(),

@@ -11,6 +11,7 @@
 # (lease columns on `jobs`), written out by hand in `claim_and_succeed.sql`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
+. ../replay-lib.sh
 export PGHOST="${PGHOST:-127.0.0.1}" PGUSER="${PGUSER:-postgres}"
 db=pinq_hot_replay
 runs="${RUNS:-3}"
@@ -24,10 +25,9 @@ done
 
 replay() {
     for _ in $(seq "$runs"); do
-        psql -qX -v ON_ERROR_STOP=1 -d "$db" -f setup.sql >/dev/null 2>&1
+        replay_sql "$db" setup.sql
         sleep 2
-        pgbench -n -c 4 -j 2 -t 781 -f claim_and_succeed.sql "$db" 2>/dev/null |
-            awk -v what="$1" '/^tps/ {printf "%-40s %8.0f jobs/s\n", what, $3 * 32}'
+        replay_rate "$1" 40 32 -n -c 4 -j 2 -t 781 -f claim_and_succeed.sql "$db"
     done
 }
 

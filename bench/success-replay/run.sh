@@ -14,6 +14,7 @@
 # loops the production statement gets from its arrays (hash joins off).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
+. ../replay-lib.sh
 export PGHOST="${PGHOST:-127.0.0.1}" PGUSER="${PGUSER:-postgres}"
 db=pinq_success_replay
 runs="${RUNS:-3}"
@@ -26,10 +27,9 @@ done
 
 for _ in $(seq "$runs"); do
     for v in with_attempt without_attempt; do
-        psql -qX -v ON_ERROR_STOP=1 -d "$db" -f setup.sql >/dev/null 2>&1
+        replay_sql "$db" setup.sql
         sleep 1
         PGOPTIONS='-c plan_cache_mode=force_generic_plan -c enable_hashjoin=off -c enable_mergejoin=off' \
-            pgbench -n -M prepared -c 4 -j 2 -t 781 -f "$v.sql" "$db" 2>/dev/null |
-            awk -v what="$v" '/^tps/ {printf "%-18s %8.0f jobs/s\n", what, $3 * 32}'
+            replay_rate "$v" 18 32 -n -M prepared -c 4 -j 2 -t 781 -f "$v.sql" "$db"
     done
 done

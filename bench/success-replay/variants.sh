@@ -12,10 +12,14 @@
 #
 #   bench/success-replay/variants.sh   # 3 rounds, 4 clients, 32 jobs a statement
 #
+# Each round starts one variant later than the round before, so that no variant always
+# runs first (or right after the same one) while the machine's speed drifts.
+#
 # Uses a scratch database `pinq_success_variants` on $PGHOST (default 127.0.0.1), migrated
 # with migrations/*.sql and dropped at the end; the settings are those of run.sh.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
+. ../replay-lib.sh
 export PGHOST="${PGHOST:-127.0.0.1}" PGUSER="${PGUSER:-postgres}"
 db=pinq_success_variants
 runs="${RUNS:-3}"
@@ -32,20 +36,28 @@ sed -e '/ON CONFLICT/d' -e 's/FROM done ORDER BY backend_id, cid$/FROM done ORDE
     current.sql >"$tmp/plain.sql"
 
 one() { # label, statement file, SQL before, SQL after
-    psql -qX -v ON_ERROR_STOP=1 -d "$db" -f setup.sql >/dev/null 2>&1
+    replay_sql "$db" setup.sql
     if [ -n "$3" ]; then psql -qX -v ON_ERROR_STOP=1 -d "$db" -c "$3" >/dev/null; fi
     sleep 1
     PGOPTIONS='-c plan_cache_mode=force_generic_plan -c enable_hashjoin=off -c enable_mergejoin=off' \
-        pgbench -n -M prepared -c 4 -j 2 -t 781 -f "$2" "$db" 2>/dev/null |
-        awk -v what="$1" '/^tps/ {printf "%-10s %8.0f jobs/s\n", what, $3 * 32}'
+        replay_rate "$1" 10 32 -n -M prepared -c 4 -j 2 -t 781 -f "$2" "$db"
     if [ -n "$4" ]; then psql -qX -v ON_ERROR_STOP=1 -d "$db" -c "$4" >/dev/null; fi
 }
 
-for _ in $(seq "$runs"); do
-    one current current.sql "" ""
-    one nolock "$tmp/nolock.sql" "" ""
-    one plain "$tmp/plain.sql" "" ""
-    one nopinscid current.sql "DROP INDEX pins_cid" "CREATE INDEX pins_cid ON pins (cid)"
-    one notrigger current.sql "ALTER TABLE jobs DISABLE TRIGGER jobs_tally_update" \
-        "ALTER TABLE jobs ENABLE TRIGGER jobs_tally_update"
+variant() {
+    case "$1" in
+    current) one current current.sql "" "" ;;
+    nolock) one nolock "$tmp/nolock.sql" "" "" ;;
+    plain) one plain "$tmp/plain.sql" "" "" ;;
+    nopinscid) one nopinscid current.sql "DROP INDEX pins_cid" "CREATE INDEX pins_cid ON pins (cid)" ;;
+    notrigger) one notrigger current.sql "ALTER TABLE jobs DISABLE TRIGGER jobs_tally_update" \
+        "ALTER TABLE jobs ENABLE TRIGGER jobs_tally_update" ;;
+    esac
+}
+
+variants=(current nolock plain nopinscid notrigger)
+for round in $(seq 0 $((runs - 1))); do
+    for i in "${!variants[@]}"; do
+        variant "${variants[$(((i + round) % ${#variants[@]}))]}"
+    done
 done

@@ -66,6 +66,15 @@ impl PinCid {
         v1.to_string_of_base(Base::Base32Lower)
             .unwrap_or_else(|_| v1.to_string())
     }
+
+    /// The CID's own spelling (its `Display`), given its [`canonical`](Self::canonical)
+    /// form: the same text for a CIDv1, so it is not encoded a second time.
+    pub fn spelled(&self, canonical: &str) -> String {
+        match self.0.version() {
+            cid::Version::V1 => canonical.to_owned(),
+            cid::Version::V0 => self.to_string(),
+        }
+    }
 }
 
 impl FromStr for PinCid {
@@ -144,6 +153,23 @@ mod tests {
         let mut broken = V0.to_string();
         broken.pop();
         assert!(PinCid::parse(&broken).is_err());
+    }
+
+    #[test]
+    fn spelled_is_the_display_form() {
+        for s in [V0, V1_B32] {
+            let c = PinCid::parse(s).unwrap();
+            assert_eq!(c.spelled(&c.canonical()), c.to_string());
+        }
+        // A CIDv1 given in base58 is spelled in base32, as `Display` does.
+        let b58 = PinCid::parse(V1_B32)
+            .unwrap()
+            .inner()
+            .to_string_of_base(Base::Base58Btc)
+            .unwrap();
+        let c = PinCid::parse(&b58).unwrap();
+        assert_eq!(c.spelled(&c.canonical()), V1_B32);
+        assert_eq!(c.to_string(), V1_B32);
     }
 
     #[test]

@@ -242,29 +242,41 @@ pub async fn insert_batch(pool: &PgPool, batch: &NewBatch) -> Result<Stored, sql
         "factor": batch.retry.factor,
         "max_delay_ms": batch.retry.max_delay.as_millis() as u64,
     });
+    // The statement's columns borrow from the jobs: a batch of 10,000 is not copied again.
     let n = batch.jobs.len();
     let mut ids = Vec::with_capacity(n);
     let mut seqs = Vec::with_capacity(n);
     let mut backend_ids = Vec::with_capacity(n);
-    let mut ops = Vec::with_capacity(n);
-    let mut cids = Vec::with_capacity(n);
-    let mut replaces = Vec::with_capacity(n);
-    let mut cid_keys = Vec::with_capacity(n);
-    let mut replaces_keys = Vec::with_capacity(n);
-    let mut names = Vec::with_capacity(n);
-    let mut metas = Vec::with_capacity(n);
+    let mut ops: Vec<&str> = Vec::with_capacity(n);
+    let mut cids: Vec<&str> = Vec::with_capacity(n);
+    let mut replaces: Vec<Option<&str>> = Vec::with_capacity(n);
+    let mut cid_keys: Vec<&str> = Vec::with_capacity(n);
+    let mut replaces_keys: Vec<Option<&str>> = Vec::with_capacity(n);
+    let mut names: Vec<Option<&str>> = Vec::with_capacity(n);
     let mut unpin_all = Vec::with_capacity(n);
+    // Most jobs have no meta: they all bind one "{}".
+    let meta_texts: Vec<Option<String>> = batch
+        .jobs
+        .iter()
+        .map(|j| match &j.meta {
+            Value::Object(m) if m.is_empty() => None,
+            meta => Some(meta.to_string()),
+        })
+        .collect();
+    let metas: Vec<&str> = meta_texts
+        .iter()
+        .map(|m| m.as_deref().unwrap_or("{}"))
+        .collect();
     for j in &batch.jobs {
         ids.push(j.id);
         seqs.push(j.seq);
         backend_ids.push(j.backend_id);
-        ops.push(j.op.as_str().to_owned());
-        cids.push(j.cid.clone());
-        replaces.push(j.replaces_cid.clone());
-        cid_keys.push(j.cid_key.clone());
-        replaces_keys.push(j.replaces_key.clone());
-        names.push(j.name.clone());
-        metas.push(j.meta.to_string());
+        ops.push(j.op.as_str());
+        cids.push(j.cid.as_str());
+        replaces.push(j.replaces_cid.as_deref());
+        cid_keys.push(j.cid_key.as_str());
+        replaces_keys.push(j.replaces_key.as_deref());
+        names.push(j.name.as_deref());
         unpin_all.push(j.unpin_all);
     }
     let mut backends = backend_ids.clone();

@@ -154,7 +154,12 @@ impl TestDb {
     }
 
     /// Checks that the job tallies behind `GET /v1/stats` (`job_tallies`, kept by triggers)
-    /// agree with a count of the jobs, per owner and state, and that there are some.
+    /// agree with a count of the jobs, per owner and state, and that there are some; and
+    /// that the recent finishes (`job_finishes`, also kept by the triggers) hold every job
+    /// that finished in the last 90 s, in its second, owner, state and latency bucket,
+    /// with its latency within the bucket's maximum. The finishes are events, so a key
+    /// may hold more than the jobs now show (a job that finished, was retried by hand
+    /// and finished again counts twice); it may never hold fewer.
     pub async fn check_tallies(&self) -> anyhow::Result<()> {
         type Counts = Vec<(String, String, i64)>;
         // One snapshot for both reads: the triggers change the tallies in the transaction
@@ -175,7 +180,33 @@ impl TestDb {
         )
         .fetch_all(&mut *tx)
         .await?;
+        type Missed = Vec<(String, String, String, i16, i64, i64, f64, Option<f64>)>;
+        let missed: Missed = sqlx::query_as(
+            "SELECT j.second::text, j.owner, j.state, j.bucket, j.n, coalesce(f.n, 0)::int8,
+                    j.max_ms, f.max_ms
+             FROM (SELECT date_trunc('second', finished_at) AS second, owner, state,
+                          pinq_latency_bucket(ms) AS bucket, count(*) AS n, max(ms) AS max_ms
+                   FROM (SELECT owner, state, finished_at,
+                                extract(epoch FROM finished_at - created_at)::float8 * 1000
+                                    AS ms
+                         FROM jobs
+                         WHERE state IN ('succeeded', 'failed')
+                           AND finished_at >= now() - interval '90 seconds') x
+                   GROUP BY 1, 2, 3, 4) j
+             LEFT JOIN (SELECT second, owner, state, bucket, sum(n) AS n, max(max_ms) AS max_ms
+                        FROM job_finishes GROUP BY 1, 2, 3, 4) f
+                    USING (second, owner, state, bucket)
+             WHERE coalesce(f.n, 0) < j.n OR f.max_ms < j.max_ms - 0.001
+             ORDER BY 1, 2, 3, 4",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
         tx.commit().await?;
+        anyhow::ensure!(
+            missed.is_empty(),
+            "the recent finishes miss jobs that finished (second, owner, state, bucket, \
+             jobs, finishes kept, the jobs' longest ms, the kept longest ms): {missed:?}"
+        );
         anyhow::ensure!(
             kept == counted,
             "the job tallies {kept:?} differ from the jobs' own count {counted:?}"
