@@ -6,7 +6,7 @@
 //! broker in the background; if that publish fails or the process dies first, the
 //! scheduler's relay publishes the jobs instead.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use axum::Extension;
@@ -27,6 +27,7 @@ use uuid::Uuid;
 
 use crate::AppState;
 use crate::auth::Caller;
+use crate::batch_body::{Field, RawBody, RawOp, RawOps};
 use crate::error::{ApiError, ApiResult, Problem, query_error};
 
 /// Most problems listed in one error response; the message says how many there were.
@@ -279,7 +280,7 @@ pub(crate) fn parse_request(
     max_ops: usize,
     default_retry: RetryPolicy,
 ) -> ApiResult<BatchRequest> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| ApiError::Invalid {
+    let body: RawBody = serde_json::from_slice(body).map_err(|e| ApiError::Invalid {
         code: "malformed_json",
         message: format!(
             "request body is not valid JSON: {e} (line {}, column {})",
@@ -288,7 +289,7 @@ pub(crate) fn parse_request(
         ),
         details: vec![],
     })?;
-    let Value::Object(mut obj) = value else {
+    let RawBody::Object(raw) = body else {
         return Err(ApiError::invalid(
             "request body must be a JSON object",
             vec![Problem::at("", "expected an object")],
@@ -296,8 +297,7 @@ pub(crate) fn parse_request(
     };
 
     let mut problems = Vec::new();
-    let ops_value = obj.remove("ops");
-    let priority = match obj.remove("priority") {
+    let priority = match raw.priority {
         None | Some(Value::Null) => Priority::DEFAULT,
         Some(v) => match v.as_i64().map(Priority::new) {
             Some(Ok(p)) => p,
@@ -314,7 +314,7 @@ pub(crate) fn parse_request(
             }
         },
     };
-    let backends = match obj.remove("backends") {
+    let backends = match raw.backends {
         None | Some(Value::Null) => vec![],
         Some(Value::Array(items)) => {
             let mut names = Vec::new();
@@ -349,27 +349,27 @@ pub(crate) fn parse_request(
             vec![]
         }
     };
-    let retry = match obj.remove("retry") {
+    let retry = match raw.retry {
         None | Some(Value::Null) => default_retry,
         Some(v) => parse_retry(v, default_retry, &mut problems),
     };
-    for key in obj.keys() {
+    for key in &raw.unknown {
         problems.push(Problem::at(
             format!("/{key}"),
             format!("unknown field '{key}'; expected ops, priority, backends, retry"),
         ));
     }
 
-    let items = match ops_value {
-        Some(Value::Array(items)) => items,
-        None | Some(Value::Null) => {
+    let items = match raw.ops {
+        Some(RawOps::Items(items)) => items,
+        None | Some(RawOps::Null) => {
             problems.push(Problem::at(
                 "/ops",
                 "ops is required: an array of operations",
             ));
             vec![]
         }
-        Some(_) => {
+        Some(RawOps::Other) => {
             problems.push(Problem::at("/ops", "ops must be an array of operations"));
             vec![]
         }
@@ -462,8 +462,8 @@ fn parse_retry(v: Value, default: RetryPolicy, problems: &mut Vec<Problem>) -> R
     }
 }
 
-fn parse_op(i: usize, item: Value, problems: &mut Vec<Problem>) -> Option<ValidOp> {
-    let Value::Object(mut obj) = item else {
+fn parse_op(i: usize, item: RawOp<'_>, problems: &mut Vec<Problem>) -> Option<ValidOp> {
+    let RawOp::Fields(fields) = item else {
         problems.push(Problem::op(
             i,
             "",
@@ -472,19 +472,19 @@ fn parse_op(i: usize, item: Value, problems: &mut Vec<Problem>) -> Option<ValidO
         return None;
     };
     let before = problems.len();
-    let op = match obj.remove("op") {
-        Some(Value::String(s)) => match s.parse::<Op>() {
+    let op = match fields.op {
+        Some(Field::Str(s)) => match s.parse::<Op>() {
             Ok(op) => Some(op),
             Err(_) => {
                 problems.push(Problem::op(
                     i,
                     "op",
-                    format!("unknown op '{s}'; expected pin, unpin or replace"),
+                    format!("unknown op '{}'; expected pin, unpin or replace", clip(&s)),
                 ));
                 None
             }
         },
-        Some(_) => {
+        Some(Field::Other) => {
             problems.push(Problem::op(
                 i,
                 "op",
@@ -492,7 +492,7 @@ fn parse_op(i: usize, item: Value, problems: &mut Vec<Problem>) -> Option<ValidO
             ));
             None
         }
-        None => {
+        None | Some(Field::Null) => {
             problems.push(Problem::op(
                 i,
                 "op",
@@ -501,11 +501,11 @@ fn parse_op(i: usize, item: Value, problems: &mut Vec<Problem>) -> Option<ValidO
             None
         }
     };
-    let cid = parse_cid_field(i, "cid", obj.remove("cid"), true, problems);
+    let cid = parse_cid_field(i, "cid", fields.cid, true, problems);
     let replaces = parse_cid_field(
         i,
         "replaces",
-        obj.remove("replaces"),
+        fields.replaces,
         op == Some(Op::Replace),
         problems,
     );
@@ -516,10 +516,10 @@ fn parse_op(i: usize, item: Value, problems: &mut Vec<Problem>) -> Option<ValidO
             "replaces is only allowed with op 'replace'",
         ));
     }
-    let name = match obj.remove("name") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) if s.chars().count() <= MAX_NAME_LEN => Some(s),
-        Some(Value::String(_)) => {
+    let name = match fields.name {
+        None | Some(Field::Null) => None,
+        Some(Field::Str(s)) if s.chars().count() <= MAX_NAME_LEN => Some(s.into_owned()),
+        Some(Field::Str(_)) => {
             problems.push(Problem::op(
                 i,
                 "name",
@@ -527,12 +527,12 @@ fn parse_op(i: usize, item: Value, problems: &mut Vec<Problem>) -> Option<ValidO
             ));
             None
         }
-        Some(_) => {
+        Some(Field::Other) => {
             problems.push(Problem::op(i, "name", "name must be a string"));
             None
         }
     };
-    let meta = match obj.remove("meta") {
+    let meta = match fields.meta {
         None | Some(Value::Null) => Map::new(),
         Some(Value::Object(m)) => {
             let size = serde_json::to_vec(&m)
@@ -552,8 +552,7 @@ fn parse_op(i: usize, item: Value, problems: &mut Vec<Problem>) -> Option<ValidO
             Map::new()
         }
     };
-    let unknown: BTreeMap<_, _> = obj.into_iter().collect();
-    for key in unknown.keys() {
+    for key in &fields.unknown {
         problems.push(Problem::op(
             i,
             key,
@@ -575,25 +574,25 @@ fn parse_op(i: usize, item: Value, problems: &mut Vec<Problem>) -> Option<ValidO
 fn parse_cid_field(
     i: usize,
     field: &str,
-    value: Option<Value>,
+    value: Option<Field<'_>>,
     required: bool,
     problems: &mut Vec<Problem>,
 ) -> Option<PinCid> {
     match value {
-        None | Some(Value::Null) => {
+        None | Some(Field::Null) => {
             if required {
                 problems.push(Problem::op(i, field, format!("{field} is required")));
             }
             None
         }
-        Some(Value::String(s)) => match PinCid::parse(&s) {
+        Some(Field::Str(s)) => match PinCid::parse(&s) {
             Ok(c) => Some(c),
             Err(e) => {
                 problems.push(Problem::op(i, field, format!("'{}': {e}", clip(&s))));
                 None
             }
         },
-        Some(_) => {
+        Some(Field::Other) => {
             problems.push(Problem::op(
                 i,
                 field,
@@ -879,6 +878,68 @@ mod tests {
         .unwrap();
         assert_eq!(r.retry.max_attempts, 3);
         assert_eq!(r.retry.base, Duration::from_millis(10));
+    }
+
+    #[test]
+    fn escaped_strings_and_repeated_fields_read_as_json_says() {
+        // `\u0062` is "b": a CID spelled with an escape is the same CID; a name with
+        // escapes keeps them decoded; a field given twice keeps its last value.
+        let cid = "bafybeihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku";
+        let body = format!(
+            r#"{{"priority":1,"priority":7,"ops":[{{"op":"unpin","op":"pin",
+                "cid":"\u0062{}","name":"a\"b\n","meta":{{"k":[1,{{"x":null}}]}}}}]}}"#,
+            &cid[1..]
+        );
+        let r = parse(&body).unwrap();
+        assert_eq!(r.priority.get(), 7);
+        assert_eq!(r.ops[0].op, Op::Pin);
+        assert_eq!(r.ops[0].cid.to_string(), cid);
+        assert_eq!(r.ops[0].name.as_deref(), Some("a\"b\n"));
+        assert_eq!(
+            Value::Object(r.ops[0].meta.clone()),
+            serde_json::json!({"k": [1, {"x": null}]})
+        );
+    }
+
+    #[test]
+    fn every_wrong_shape_is_a_problem_at_its_path() {
+        for body in ["[1, {\"ops\": []}]", "\"ops\"", "null", "3"] {
+            assert_eq!(problems(parse(body))[0].path, "", "{body}");
+        }
+        for ops in ["{\"op\":\"pin\"}", "\"pin\"", "7"] {
+            let p = problems(parse(&format!(r#"{{"ops":{ops}}}"#)));
+            assert_eq!(p[0].path, "/ops", "{ops}");
+            assert!(p[0].message.contains("must be an array"), "{ops}");
+        }
+        let p = problems(parse(r#"{"ops":null}"#));
+        assert!(p[0].message.contains("required"), "{p:?}");
+        // Fields of the wrong type; an unknown field holding nested values is skipped
+        // whole, and the fields after it are still read.
+        let body = format!(
+            r#"{{"ops":[null, [1], {{"op":1,"cid":["{V0}"],"name":{{}},"meta":"x"}},
+                {{"extra":{{"a":[1,{{"b":[]}}]}},"op":"pin","cid":"{V0}","name":false}}]}}"#
+        );
+        let p = problems(parse(&body));
+        let got: Vec<(&str, &str)> = p
+            .iter()
+            .map(|p| (p.path.as_str(), p.message.as_str()))
+            .collect();
+        for (path, says) in [
+            ("/ops/0", "must be an object"),
+            ("/ops/1", "must be an object"),
+            ("/ops/2/op", "op must be a string"),
+            ("/ops/2/cid", "cid must be a string"),
+            ("/ops/2/name", "name must be a string"),
+            ("/ops/2/meta", "meta must be an object"),
+            ("/ops/3/extra", "unknown field 'extra'"),
+            ("/ops/3/name", "name must be a string"),
+        ] {
+            assert!(
+                got.iter().any(|(p, m)| *p == path && m.contains(says)),
+                "{path}: {says} not in {got:?}"
+            );
+        }
+        assert_eq!(got.len(), 8, "{got:?}");
     }
 
     #[test]

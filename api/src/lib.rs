@@ -6,6 +6,7 @@
 mod auth;
 mod backend_admin;
 mod backends;
+mod batch_body;
 mod batches;
 mod error;
 mod health;
