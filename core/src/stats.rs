@@ -7,7 +7,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::{AssertSqlSafe, FromRow, PgPool};
+use sqlx::{FromRow, PgPool, Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use crate::db::JobRow;
@@ -192,61 +192,45 @@ use crate::db::JOB_COLUMNS;
 /// Only the filters given are in the statement, so each combination gets a plan of its
 /// own rather than one generic plan that must serve them all.
 pub async fn list_jobs(pool: &PgPool, f: &JobFilter) -> Result<Vec<JobRow>, sqlx::Error> {
-    let mut conds: Vec<String> = Vec::new();
-    let mut n = 0;
-    let mut param = || {
-        n += 1;
-        format!("${n}")
-    };
-    if f.owner.is_some() {
-        conds.push(format!("bt.owner = {}", param()));
-    }
-    if f.state.is_some() {
-        conds.push(format!("j.state = {}", param()));
-    }
-    if f.batch.is_some() {
-        conds.push(format!("bt.id = {}", param()));
-    }
-    if !f.cids.is_empty() {
-        conds.push(format!("j.cid_key = ANY({})", param()));
-    }
-    if f.after.is_some() {
-        let (at, id) = (param(), param());
-        // The first bound lets the batch index start at the cursor; the second is exact.
-        conds.push(format!("bt.created_at <= {at}"));
-        conds.push(format!("(bt.created_at, j.id) < ({at}, {id})"));
-    }
-    let limit = param();
-    let filter = if conds.is_empty() {
-        String::new()
-    } else {
-        format!("WHERE {}", conds.join(" AND "))
-    };
-    let mut q = sqlx::query_as(AssertSqlSafe(format!(
+    // Each condition is written with its value, so the placeholders and the values bound
+    // cannot fall out of step.
+    let mut q = QueryBuilder::<Postgres>::new(format!(
         "SELECT {JOB_COLUMNS}
          FROM batches bt
          JOIN jobs j ON j.batch_id = bt.id
-         JOIN backends b ON b.id = j.backend_id
-         {filter}
-         ORDER BY bt.created_at DESC, j.id DESC
-         LIMIT {limit}"
-    )));
+         JOIN backends b ON b.id = j.backend_id"
+    ));
+    let mut word = " WHERE ";
+    let mut cond = |q: &mut QueryBuilder<Postgres>, sql: &str| {
+        q.push(word).push(sql);
+        word = " AND ";
+    };
     if let Some(owner) = &f.owner {
-        q = q.bind(owner);
+        cond(&mut q, "bt.owner = ");
+        q.push_bind(owner);
     }
     if let Some(state) = f.state {
-        q = q.bind(state.as_str());
+        cond(&mut q, "j.state = ");
+        q.push_bind(state.as_str());
     }
     if let Some(batch) = f.batch {
-        q = q.bind(batch);
+        cond(&mut q, "bt.id = ");
+        q.push_bind(batch);
     }
     if !f.cids.is_empty() {
-        q = q.bind(&f.cids);
+        cond(&mut q, "j.cid_key = ANY(");
+        q.push_bind(&f.cids).push(")");
     }
     if let Some((at, id)) = f.after {
-        q = q.bind(at).bind(id);
+        // The first bound lets the batch index start at the cursor; the second is exact.
+        cond(&mut q, "bt.created_at <= ");
+        q.push_bind(at);
+        cond(&mut q, "(bt.created_at, j.id) < (");
+        q.push_bind(at).push(", ").push_bind(id).push(")");
     }
-    q.bind(f.limit).fetch_all(pool).await
+    q.push(" ORDER BY bt.created_at DESC, j.id DESC LIMIT ")
+        .push_bind(f.limit);
+    q.build_query_as().fetch_all(pool).await
 }
 
 /// One row of the pin index.
