@@ -146,13 +146,8 @@ pub async fn submit(
 
     let mut jobs = Vec::with_capacity(request.ops.len() * backends.len());
     for (seq, op) in request.ops.iter().enumerate() {
-        let cid_key = op.cid.canonical();
-        let replaces_key = op.replaces.map(|c| c.canonical());
-        let cid = op.cid.spelled(&cid_key);
-        let replaces_cid = op
-            .replaces
-            .zip(replaces_key.as_deref())
-            .map(|(c, k)| c.spelled(k));
+        let (cid_key, cid) = op.cid.canonical_and_spelling();
+        let (replaces_key, replaces_cid) = op.replaces.map(|c| c.canonical_and_spelling()).unzip();
         for backend in &backends {
             jobs.push(NewJob {
                 id: Uuid::now_v7(),

@@ -67,13 +67,16 @@ impl PinCid {
             .unwrap_or_else(|_| v1.to_string())
     }
 
-    /// The CID's own spelling (its `Display`), given its [`canonical`](Self::canonical)
-    /// form: the same text for a CIDv1, so it is not encoded a second time.
-    pub fn spelled(&self, canonical: &str) -> String {
-        match self.0.version() {
-            cid::Version::V1 => canonical.to_owned(),
+    /// The CID's [`canonical`](Self::canonical) form and its own spelling (its
+    /// `Display`), in that order. They are the same text for a CIDv1, which is then
+    /// encoded once.
+    pub fn canonical_and_spelling(&self) -> (String, String) {
+        let canonical = self.canonical();
+        let spelling = match self.0.version() {
+            cid::Version::V1 => canonical.clone(),
             cid::Version::V0 => self.to_string(),
-        }
+        };
+        (canonical, spelling)
     }
 }
 
@@ -156,10 +159,10 @@ mod tests {
     }
 
     #[test]
-    fn spelled_is_the_display_form() {
+    fn the_spelling_is_the_display_form() {
         for s in [V0, V1_B32] {
             let c = PinCid::parse(s).unwrap();
-            assert_eq!(c.spelled(&c.canonical()), c.to_string());
+            assert_eq!(c.canonical_and_spelling(), (c.canonical(), c.to_string()));
         }
         // A CIDv1 given in base58 is spelled in base32, as `Display` does.
         let b58 = PinCid::parse(V1_B32)
@@ -168,7 +171,10 @@ mod tests {
             .to_string_of_base(Base::Base58Btc)
             .unwrap();
         let c = PinCid::parse(&b58).unwrap();
-        assert_eq!(c.spelled(&c.canonical()), V1_B32);
+        assert_eq!(
+            c.canonical_and_spelling(),
+            (V1_B32.to_owned(), V1_B32.to_owned())
+        );
         assert_eq!(c.to_string(), V1_B32);
     }
 
