@@ -5,14 +5,17 @@
 //! hold no escapes, and its known field names are matched without being copied. Every
 //! shape JSON allows is accepted here, each field loosely typed, so that validation can
 //! report every problem by its path; only a body that is not JSON at all fails to read.
-//! As in a JSON object read into a map, a field given twice keeps its last value.
+//! As in a JSON object read into a map, a field given twice keeps its last value. A value
+//! that is not kept (an unknown field's, or a field's of the wrong type) is still read as
+//! a `Value`, not skipped unread, so the body is checked as JSON whole: strings, escapes,
+//! the range of numbers and the depth of nesting, as when the whole body was one `Value`.
 
 use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::fmt;
 
 use serde::Deserialize;
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
 /// The whole body: an object, or anything else (which is an error).
@@ -91,14 +94,14 @@ impl<'de> Deserialize<'de> for Key<'de> {
     }
 }
 
-/// Reads whatever value comes next and drops it.
+/// Reads the rest of an array or an object that is not kept, checking it as JSON.
 fn drain_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<(), A::Error> {
-    while seq.next_element::<IgnoredAny>()?.is_some() {}
+    while seq.next_element::<Value>()?.is_some() {}
     Ok(())
 }
 
 fn drain_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<(), A::Error> {
-    while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+    while map.next_entry::<Key, Value>()?.is_some() {}
     Ok(())
 }
 
@@ -152,7 +155,7 @@ impl<'de> Deserialize<'de> for RawBody<'de> {
                         "backends" => r.backends = Some(map.next_value()?),
                         "retry" => r.retry = Some(map.next_value()?),
                         _ => {
-                            map.next_value::<IgnoredAny>()?;
+                            map.next_value::<Value>()?;
                             r.unknown.insert(key.into_owned());
                         }
                     }
@@ -214,7 +217,7 @@ impl<'de> Deserialize<'de> for RawOp<'de> {
                         "name" => f.name = Some(map.next_value()?),
                         "meta" => f.meta = Some(map.next_value()?),
                         _ => {
-                            map.next_value::<IgnoredAny>()?;
+                            map.next_value::<Value>()?;
                             f.unknown.insert(key.into_owned());
                         }
                     }

@@ -479,7 +479,7 @@ fn parse_op(i: usize, item: RawOp<'_>, problems: &mut Vec<Problem>) -> Option<Va
                 None
             }
         },
-        Some(Field::Other) => {
+        Some(Field::Null | Field::Other) => {
             problems.push(Problem::op(
                 i,
                 "op",
@@ -487,7 +487,7 @@ fn parse_op(i: usize, item: RawOp<'_>, problems: &mut Vec<Problem>) -> Option<Va
             ));
             None
         }
-        None | Some(Field::Null) => {
+        None => {
             problems.push(Problem::op(
                 i,
                 "op",
@@ -912,7 +912,8 @@ mod tests {
         // whole, and the fields after it are still read.
         let body = format!(
             r#"{{"ops":[null, [1], {{"op":1,"cid":["{V0}"],"name":{{}},"meta":"x"}},
-                {{"extra":{{"a":[1,{{"b":[]}}]}},"op":"pin","cid":"{V0}","name":false}}]}}"#
+                {{"extra":{{"a":[1,{{"b":[]}}]}},"op":"pin","cid":"{V0}","name":false}},
+                {{"op":null,"cid":"{V0}"}}]}}"#
         );
         let p = problems(parse(&body));
         let got: Vec<(&str, &str)> = p
@@ -928,13 +929,51 @@ mod tests {
             ("/ops/2/meta", "meta must be an object"),
             ("/ops/3/extra", "unknown field 'extra'"),
             ("/ops/3/name", "name must be a string"),
+            ("/ops/4/op", "op must be a string"),
         ] {
             assert!(
                 got.iter().any(|(p, m)| *p == path && m.contains(says)),
                 "{path}: {says} not in {got:?}"
             );
         }
-        assert_eq!(got.len(), 8, "{got:?}");
+        assert_eq!(got.len(), 9, "{got:?}");
+    }
+
+    #[test]
+    fn json_that_is_not_kept_is_still_checked() {
+        // A lone surrogate, a number out of range and nesting beyond serde_json's limit
+        // are malformed JSON wherever they are: in an unknown field, in a field of the
+        // wrong type, or in a field that a later copy of it replaces.
+        let op = format!(r#"{{"op":"pin","cid":"{V0}"}}"#);
+        let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+        let bodies = [
+            format!(r#"{{"x":"\ud800","ops":[{op}]}}"#),
+            format!(r#"{{"ops":[{{"op":"pin","cid":["\ud800"],"cid":"{V0}"}}]}}"#),
+            format!(r#"{{"ops":{{"x":1e400}},"ops":[{op}]}}"#),
+            format!(r#"{{"ops":[{{"op":"pin","name":[1e999],"name":null,"cid":"{V0}"}}]}}"#),
+            r#"{"ops":[[1e400]]}"#.to_owned(),
+            "[1e400]".to_owned(),
+            format!(r#"{{"x":{deep},"ops":[{op}]}}"#),
+        ];
+        for body in &bodies {
+            match parse(body) {
+                Err(ApiError::Invalid { code, .. }) => {
+                    assert_eq!(code, "malformed_json", "{body}")
+                }
+                other => panic!("{body}: {other:?}"),
+            }
+        }
+        // Bytes that are not UTF-8 in a skipped string, too.
+        let mut raw = br#"{"x":"#.to_vec();
+        raw.extend_from_slice(b"\"\xff\"");
+        raw.extend_from_slice(format!(r#","ops":[{op}]}}"#).as_bytes());
+        assert!(matches!(
+            parse_request(&raw, 10, RetryPolicy::default()),
+            Err(ApiError::Invalid {
+                code: "malformed_json",
+                ..
+            })
+        ));
     }
 
     #[test]

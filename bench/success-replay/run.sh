@@ -25,8 +25,11 @@ for m in ../../migrations/*.sql; do
     psql -qX -1 -v ON_ERROR_STOP=1 -d "$db" -f "$m" >/dev/null
 done
 
-for _ in $(seq "$runs"); do
-    for v in with_attempt without_attempt; do
+# The two take turns going first, round by round.
+for round in $(seq "$runs"); do
+    order="with_attempt without_attempt"
+    if [ $((round % 2)) -eq 0 ]; then order="without_attempt with_attempt"; fi
+    for v in $order; do
         replay_sql "$db" setup.sql
         sleep 1
         PGOPTIONS='-c plan_cache_mode=force_generic_plan -c enable_hashjoin=off -c enable_mergejoin=off' \

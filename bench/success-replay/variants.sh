@@ -12,8 +12,9 @@
 #
 #   bench/success-replay/variants.sh   # 3 rounds, 4 clients, 32 jobs a statement
 #
-# Each round starts one variant later than the round before, so that no variant always
-# runs first (or right after the same one) while the machine's speed drifts.
+# Each round starts one variant later than the round before (the order stays cyclic), so
+# that with five rounds or more each variant runs first once while the machine's speed
+# drifts.
 #
 # Uses a scratch database `pinq_success_variants` on $PGHOST (default 127.0.0.1), migrated
 # with migrations/*.sql and dropped at the end; the settings are those of run.sh.
