@@ -105,10 +105,10 @@ fn drain_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<(), A::Error> {
     Ok(())
 }
 
-/// Implements the visits of every JSON value other than an object (and, with `seq`, an
-/// array) as returning `$other`.
+/// Implements the visits of JSON values as returning `$other`: `scalars`, the numbers and
+/// booleans; by default strings too; with `seq`, arrays as well (read whole).
 macro_rules! other_values {
-    ($other:expr) => {
+    (scalars $other:expr) => {
         fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
             Ok($other)
         }
@@ -121,6 +121,9 @@ macro_rules! other_values {
         fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
             Ok($other)
         }
+    };
+    ($other:expr) => {
+        other_values!(scalars $other);
         fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
             Ok($other)
         }
@@ -237,18 +240,7 @@ impl<'de> Deserialize<'de> for Field<'de> {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a JSON value")
             }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(Field::Other)
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(Field::Other)
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(Field::Other)
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(Field::Other)
-            }
+            other_values!(scalars Field::Other);
             fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
                 Ok(Field::Str(Cow::Borrowed(v)))
             }

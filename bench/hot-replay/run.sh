@@ -12,26 +12,18 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 . ../replay-lib.sh
-export PGHOST="${PGHOST:-127.0.0.1}" PGUSER="${PGUSER:-postgres}"
 db=pinq_hot_replay
-runs="${RUNS:-3}"
-
-psql -qX -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
-trap 'psql -qX -c "DROP DATABASE IF EXISTS $db" >/dev/null' EXIT
-for m in ../../migrations/*.sql; do
-    case "$m" in *hot_jobs.sql) break ;; esac
-    psql -qX -1 -v ON_ERROR_STOP=1 -d "$db" -f "$m" >/dev/null
-done
+replay_db "$db" hot_jobs.sql
 
 replay() {
     for _ in $(seq "$runs"); do
-        replay_sql "$db" setup.sql
+        replay_psql "$db" -f setup.sql
         sleep 2
         replay_rate "$1" 40 32 -n -c 4 -j 2 -t 781 -f claim_and_succeed.sql "$db"
     done
 }
 
 replay "with the indexes the hot path changes"
-psql -qX -d "$db" -c "DROP INDEX jobs_queued_since, jobs_lease, jobs_lease_owner, jobs_finished_age, jobs_retry_due" \
-    -c "ALTER TABLE jobs SET (fillfactor = 50)" >/dev/null
+replay_psql "$db" -c "DROP INDEX jobs_queued_since, jobs_lease, jobs_lease_owner, jobs_finished_age, jobs_retry_due" \
+    -c "ALTER TABLE jobs SET (fillfactor = 50)"
 replay "without them (HOT updates possible)"

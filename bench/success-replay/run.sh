@@ -15,22 +15,15 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 . ../replay-lib.sh
-export PGHOST="${PGHOST:-127.0.0.1}" PGUSER="${PGUSER:-postgres}"
 db=pinq_success_replay
-runs="${RUNS:-3}"
-
-psql -qX -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null 2>&1
-trap 'psql -qX -c "DROP DATABASE IF EXISTS $db" >/dev/null' EXIT
-for m in ../../migrations/*.sql; do
-    psql -qX -1 -v ON_ERROR_STOP=1 -d "$db" -f "$m" >/dev/null
-done
+replay_db "$db"
 
 # The two take turns going first, round by round.
 for round in $(seq "$runs"); do
     order="with_attempt without_attempt"
     if [ $((round % 2)) -eq 0 ]; then order="without_attempt with_attempt"; fi
     for v in $order; do
-        replay_sql "$db" setup.sql
+        replay_psql "$db" -f setup.sql
         sleep 1
         PGOPTIONS='-c plan_cache_mode=force_generic_plan -c enable_hashjoin=off -c enable_mergejoin=off' \
             replay_rate "$v" 18 32 -n -M prepared -c 4 -j 2 -t 781 -f "$v.sql" "$db"

@@ -21,28 +21,21 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 . ../replay-lib.sh
-export PGHOST="${PGHOST:-127.0.0.1}" PGUSER="${PGUSER:-postgres}"
 db=pinq_success_variants
-runs="${RUNS:-3}"
-tmp=$(mktemp -d)
-
-psql -qX -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null 2>&1
-trap 'psql -qX -c "DROP DATABASE IF EXISTS $db" >/dev/null; rm -rf "$tmp"' EXIT
-for m in ../../migrations/*.sql; do
-    psql -qX -1 -v ON_ERROR_STOP=1 -d "$db" -f "$m" >/dev/null
-done
+replay_db "$db"
+tmp=$replay_tmp
 sed 's/ ORDER BY j.id FOR UPDATE OF j//' current.sql >"$tmp/nolock.sql"
 # Everything from ON CONFLICT to the end of the upsert goes.
 sed -e '/ON CONFLICT/d' -e 's/FROM done ORDER BY backend_id, cid$/FROM done ORDER BY backend_id, cid)/' \
     current.sql >"$tmp/plain.sql"
 
 one() { # label, statement file, SQL before, SQL after
-    replay_sql "$db" setup.sql
-    if [ -n "$3" ]; then psql -qX -v ON_ERROR_STOP=1 -d "$db" -c "$3" >/dev/null; fi
+    replay_psql "$db" -f setup.sql
+    if [ -n "$3" ]; then replay_psql "$db" -c "$3"; fi
     sleep 1
     PGOPTIONS='-c plan_cache_mode=force_generic_plan -c enable_hashjoin=off -c enable_mergejoin=off' \
         replay_rate "$1" 10 32 -n -M prepared -c 4 -j 2 -t 781 -f "$2" "$db"
-    if [ -n "$4" ]; then psql -qX -v ON_ERROR_STOP=1 -d "$db" -c "$4" >/dev/null; fi
+    if [ -n "$4" ]; then replay_psql "$db" -c "$4"; fi
 }
 
 variant() {
