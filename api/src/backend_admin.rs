@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::Extension;
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use pinq_core::health::{self, Thresholds};
 use pinq_core::kubo::KuboClient;
@@ -18,6 +18,7 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::backends::require_admin;
 use crate::error::{ApiError, ApiResult, query_error};
+use crate::input::ApiPath;
 
 /// The probe timeout and thresholds of the scheduler's defaults (`PINQ_HEALTH_*`).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -39,7 +40,7 @@ pub struct DeleteQuery {
 pub async fn delete(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     q: Result<Query<DeleteQuery>, QueryRejection>,
 ) -> ApiResult<Json<Value>> {
     let Query(q) = q.map_err(query_error)?;
@@ -65,7 +66,7 @@ pub async fn delete(
 pub async fn check(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     require_admin(&caller)?;
     let target = health::probe_targets(&state.pool)

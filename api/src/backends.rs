@@ -5,7 +5,7 @@ use axum::Extension;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use pinq_core::db::{self, Backend};
@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult, Problem, query_error};
+use crate::input::{ApiPath, NUL, TIME_RANGE, read_body, storable_time};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -43,8 +44,7 @@ pub async fn create(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<Backend>)> {
     require_admin(&caller)?;
-    let body =
-        body.map_err(|e| ApiError::invalid(format!("could not read the body: {e}"), vec![]))?;
+    let body = read_body(body)?;
     let req: CreateBackend = serde_json::from_slice(&body).map_err(|e| ApiError::Invalid {
         code: "malformed_json",
         message: format!(
@@ -67,7 +67,9 @@ pub async fn create(
     let url_ok = (req.url.starts_with("http://") || req.url.starts_with("https://"))
         && req.url.len() <= 2048
         && !req.url.chars().any(char::is_whitespace);
-    if !url_ok {
+    if req.url.contains('\0') {
+        problems.push(Problem::at("/url", format!("url {NUL}")));
+    } else if !url_ok {
         problems.push(Problem::at(
             "/url",
             "url must be an http:// or https:// URL of the node's RPC API, e.g. http://127.0.0.1:5001",
@@ -147,11 +149,17 @@ pub struct HistoryQuery {
 pub async fn health_history(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<Value>> {
     require_admin(&caller)?;
     let Query(q) = query.map_err(query_error)?;
+    if q.before.is_some_and(|t| !storable_time(&t)) {
+        return Err(ApiError::invalid(
+            format!("before {TIME_RANGE}"),
+            vec![Problem::at("query:before", TIME_RANGE)],
+        ));
+    }
     let h = health::backend_health(&state.pool, &name)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no backend named '{name}'")))?;

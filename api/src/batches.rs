@@ -14,7 +14,7 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use chrono::{DateTime, Utc};
 use pinq_core::cid::PinCid;
@@ -29,6 +29,7 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::batch_body::{Field, RawBody, RawOp, RawOps};
 use crate::error::{ApiError, ApiResult, Problem, query_error};
+use crate::input::{ApiPath, NUL, nul_paths, read_body};
 
 /// Most problems listed in one error response; the message says how many there were.
 const MAX_PROBLEMS: usize = 1000;
@@ -48,15 +49,7 @@ pub async fn submit(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<Submitted>)> {
-    let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge(
-                "request body is larger than the server accepts (PINQ_MAX_BODY_BYTES)".into(),
-            )
-        } else {
-            ApiError::invalid(format!("could not read the request body: {e}"), vec![])
-        }
-    })?;
+    let body = read_body(body)?;
     check_json_content_type(&headers)?;
     let idempotency_key = idempotency_key(&headers)?;
     let request = parse_request(&body, state.max_batch_ops, state.default_retry)?;
@@ -182,20 +175,51 @@ pub async fn submit(
             dispatch(&state, owed);
             Ok((StatusCode::ACCEPTED, Json(Submitted { id, jobs: count })))
         }
-        Stored::Existing { id, job_count } => Ok((
+        Stored::Existing {
+            id,
+            job_count,
+            same_request: true,
+        } => Ok((
             StatusCode::OK,
             Json(Submitted {
                 id,
                 jobs: i64::from(job_count),
             }),
         )),
+        Stored::Existing {
+            id,
+            same_request: false,
+            ..
+        } => Err(ApiError::IdempotencyKeyReused(format!(
+            "this Idempotency-Key was already used for batch {id} with a different request; \
+             nothing was stored (send a new key for a new request)"
+        ))),
     }
+}
+
+/// Most background tasks (publishes, and the Pinning Service API's best-effort origin
+/// connects) under way at once. Each holds its batch's job ids, and while the broker
+/// cannot be reached a publish waits out its connect timeout: without a bound, a busy API
+/// would gather memory for as long as the broker stays away.
+const MAX_BACKGROUND_TASKS: usize = 64;
+
+/// Whether another background task may start now (see [`MAX_BACKGROUND_TASKS`]).
+pub(crate) fn background_room(state: &AppState) -> bool {
+    state.dispatches.len() < MAX_BACKGROUND_TASKS
 }
 
 /// Publishes freshly committed jobs in the background, then deletes their dispatch-outbox
 /// entry. Failure is logged, not returned: the jobs are safe in PostgreSQL, and the relay
-/// publishes an entry still there after its grace period.
+/// publishes an entry still there after its grace period, as it does when too many
+/// publishes are already under way to start this one.
 pub(crate) fn dispatch(state: &AppState, owed: db::Owed) {
+    if !background_room(state) {
+        tracing::warn!(
+            jobs = owed.jobs.len(),
+            "too many publishes under way (is the broker slow or away?); the relay will dispatch these jobs"
+        );
+        return;
+    }
     let publisher = state.publisher.clone();
     let pool = state.pool.clone();
     state.dispatches.spawn(async move {
@@ -513,8 +537,7 @@ fn parse_op(i: usize, item: RawOp<'_>, problems: &mut Vec<Problem>) -> Option<Va
     }
     let name = match fields.name {
         None | Some(Field::Null) => None,
-        Some(Field::Str(s)) if s.chars().count() <= MAX_NAME_LEN => Some(s.into_owned()),
-        Some(Field::Str(_)) => {
+        Some(Field::Str(s)) if s.chars().count() > MAX_NAME_LEN => {
             problems.push(Problem::op(
                 i,
                 "name",
@@ -522,6 +545,11 @@ fn parse_op(i: usize, item: RawOp<'_>, problems: &mut Vec<Problem>) -> Option<Va
             ));
             None
         }
+        Some(Field::Str(s)) if s.contains('\0') => {
+            problems.push(Problem::op(i, "name", format!("name {NUL}")));
+            None
+        }
+        Some(Field::Str(s)) => Some(s.into_owned()),
         Some(Field::Other) => {
             problems.push(Problem::op(i, "name", "name must be a string"));
             None
@@ -539,6 +567,12 @@ fn parse_op(i: usize, item: RawOp<'_>, problems: &mut Vec<Problem>) -> Option<Va
                     "meta",
                     format!("meta is larger than {MAX_META_BYTES} bytes"),
                 ));
+            }
+            for path in nul_paths(&m, &format!("/ops/{i}/meta")) {
+                problems.push(Problem {
+                    index: Some(i),
+                    ..Problem::at(path, format!("meta {NUL}, in keys or values"))
+                });
             }
             m
         }
@@ -625,7 +659,7 @@ pub struct BatchView {
 pub async fn get(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<BatchView>> {
     let id = parse_id(&id, "batch")?;
     let batch = db::get_batch(&state.pool, id, caller.owner_filter())
@@ -671,7 +705,7 @@ pub struct JobsQuery {
 pub async fn jobs(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     q: Result<Query<JobsQuery>, QueryRejection>,
 ) -> ApiResult<Json<Value>> {
     let Query(q) = q.map_err(query_error)?;
@@ -710,7 +744,7 @@ pub async fn jobs(
 pub async fn cancel(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let id = parse_id(&id, "batch")?;
     db::get_batch(&state.pool, id, caller.owner_filter())
@@ -730,7 +764,7 @@ pub async fn cancel(
 pub async fn retry_failed(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let id = parse_id(&id, "batch")?;
     db::get_batch(&state.pool, id, caller.owner_filter())
@@ -974,6 +1008,31 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn nul_characters_are_problems_at_their_path() {
+        let body = format!(
+            r#"{{"ops":[
+                {{"op":"pin","cid":"{V0}","name":"ok","meta":{{"k":"v"}}}},
+                {{"op":"pin","cid":"{V0}","name":"a\u0000"}},
+                {{"op":"pin","cid":"{V0}","meta":{{"k":"\u0000","j":["x","\u0000"]}}}},
+                {{"op":"pin","cid":"{V0}","meta":{{"a/\u0000":{{"b":1}}}}}}
+            ]}}"#
+        );
+        let p = problems(parse(&body));
+        let got: Vec<(Option<usize>, &str)> =
+            p.iter().map(|p| (p.index, p.path.as_str())).collect();
+        assert_eq!(
+            got,
+            [
+                (Some(1), "/ops/1/name"),
+                (Some(2), "/ops/2/meta/j/1"),
+                (Some(2), "/ops/2/meta/k"),
+                (Some(3), "/ops/3/meta/a~1\u{0}"),
+            ]
+        );
+        assert!(p.iter().all(|p| p.message.contains("NUL")), "{p:?}");
     }
 
     #[test]

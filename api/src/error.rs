@@ -56,7 +56,12 @@ pub enum ApiError {
         details: Vec<Problem>,
     },
     #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error("{0}")]
     Conflict(String),
+    /// An `Idempotency-Key` used again with a different request.
+    #[error("{0}")]
+    IdempotencyKeyReused(String),
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
@@ -64,6 +69,11 @@ pub enum ApiError {
     /// A dependency (PostgreSQL) is unreachable; the client should retry.
     #[error("service temporarily unavailable")]
     Unavailable,
+    /// The request outlasted `PINQ_REQUEST_TIMEOUT_SECS`.
+    #[error(
+        "the request took longer than the server allows (PINQ_REQUEST_TIMEOUT_SECS); retry it later"
+    )]
+    Timeout,
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -96,15 +106,32 @@ impl ApiError {
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Invalid { code, .. } => (StatusCode::BAD_REQUEST, code),
+            ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::IdempotencyKeyReused(_) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
+            }
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::UnsupportedMediaType(_) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Timeout => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
+}
+
+/// What a client hears when its input reached the database and was refused there.
+pub(crate) const UNSTORABLE: &str = "the request holds a value that cannot be stored: text with a NUL character (U+0000), or a time outside 4713 BC to 294276 AD";
+
+/// Whether PostgreSQL refused a value the client sent: a NUL character in `text` (22021)
+/// or in `jsonb` (22P05), or a time out of range (22008). The handlers check for these
+/// where they read input; this is the safety net for a check that is missing, and the
+/// callers log it so that the check gets added.
+pub(crate) fn unstorable_input(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db)
+        if matches!(db.code().as_deref(), Some("22021" | "22P05" | "22008")))
 }
 
 impl From<sqlx::Error> for ApiError {
@@ -115,6 +142,10 @@ impl From<sqlx::Error> for ApiError {
             return ApiError::Conflict(
                 "something this request refers to (e.g. a backend) was deleted meanwhile; check and retry".into(),
             );
+        }
+        if unstorable_input(&e) {
+            tracing::warn!(error = %e, "the database refused a value of the request; check it where it is read");
+            return ApiError::invalid(UNSTORABLE, vec![]);
         }
         if pinq_core::db::is_unavailable(&e) {
             tracing::warn!(error = %e, "database unavailable");
@@ -176,4 +207,64 @@ pub fn query_error(e: axum::extract::rejection::QueryRejection) -> ApiError {
         format!("invalid query string: {}", e.body_text()),
         vec![Problem::at("query", e.body_text())],
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use super::*;
+
+    /// A database error with a given SQLSTATE, as PostgreSQL would report it.
+    #[derive(Debug)]
+    struct Refused(&'static str);
+
+    impl std::fmt::Display for Refused {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "invalid byte sequence for encoding \"UTF8\": 0x00")
+        }
+    }
+
+    impl std::error::Error for Refused {}
+
+    impl sqlx::error::DatabaseError for Refused {
+        fn message(&self) -> &str {
+            "invalid byte sequence for encoding \"UTF8\": 0x00"
+        }
+        fn code(&self) -> Option<Cow<'_, str>> {
+            Some(Cow::Borrowed(self.0))
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    #[test]
+    fn values_the_database_refuses_are_a_400_that_names_no_sql() {
+        for code in ["22021", "22P05", "22008"] {
+            let e = ApiError::from(sqlx::Error::Database(Box::new(Refused(code))));
+            let ApiError::Invalid {
+                code: c, message, ..
+            } = &e
+            else {
+                panic!("{code}: {e:?}");
+            };
+            assert_eq!(*c, "invalid_request", "{code}");
+            assert_eq!(message, UNSTORABLE);
+            assert!(!message.contains("UTF8") && !message.contains(code));
+            assert_eq!(e.into_response().status(), StatusCode::BAD_REQUEST);
+        }
+        // Other database errors stay internal.
+        let e = ApiError::from(sqlx::Error::Database(Box::new(Refused("42P01"))));
+        assert!(matches!(e, ApiError::Internal(_)), "{e:?}");
+    }
 }

@@ -8,7 +8,6 @@ use axum::http::StatusCode;
 use serde_json::{Value, json};
 
 use crate::AppState;
-use crate::error::ApiError;
 
 /// The process is up and serving.
 pub async fn healthz() -> Json<Value> {
@@ -41,8 +40,4 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
             "checks": {"postgres": word(db_ok), "rabbitmq": word(broker_ok)},
         })),
     )
-}
-
-pub async fn not_found() -> ApiError {
-    ApiError::NotFound("no such route; see the README for the API".into())
 }

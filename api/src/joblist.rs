@@ -16,6 +16,7 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::batches::page_limit;
 use crate::error::{ApiError, ApiResult, Problem};
+use crate::input::{TIME_RANGE, storable_time};
 
 #[derive(Debug, Deserialize)]
 pub struct JobsQuery {
@@ -77,12 +78,9 @@ pub async fn list(
     let after = match q.after.as_deref() {
         None => None,
         Some(a) => match parse_cursor(a) {
-            Some(c) => Some(c),
-            None => {
-                problems.push(Problem::at(
-                    "query:after",
-                    "not a cursor; pass the 'next' value of the previous page",
-                ));
+            Ok(c) => Some(c),
+            Err(message) => {
+                problems.push(Problem::at("query:after", message));
                 None
             }
         },
@@ -108,8 +106,41 @@ pub async fn list(
     Ok(Json(json!({ "jobs": rows, "next": next })))
 }
 
-fn parse_cursor(s: &str) -> Option<(DateTime<Utc>, Uuid)> {
-    let (micros, id) = s.split_once('_')?;
-    let at = DateTime::from_timestamp_micros(micros.parse().ok()?)?;
-    Some((at, id.parse().ok()?))
+/// A `next` cursor: `<created_at in microseconds since the epoch>_<job id>`.
+fn parse_cursor(s: &str) -> Result<(DateTime<Utc>, Uuid), String> {
+    let not_a_cursor = || "not a cursor; pass the 'next' value of the previous page".to_owned();
+    let (micros, id) = s.split_once('_').ok_or_else(not_a_cursor)?;
+    let at = micros
+        .parse()
+        .ok()
+        .and_then(DateTime::from_timestamp_micros)
+        .ok_or_else(not_a_cursor)?;
+    if !storable_time(&at) {
+        return Err(format!("the cursor's time {TIME_RANGE}"));
+    }
+    Ok((at, id.parse().map_err(|_| not_a_cursor())?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_parse_within_the_storable_times() {
+        let zero = Uuid::nil();
+        let (at, id) = parse_cursor(&format!("1700000000000000_{zero}")).unwrap();
+        assert_eq!(at.timestamp_micros(), 1_700_000_000_000_000);
+        assert_eq!(id, zero);
+        assert!(parse_cursor(&format!("-210866803200000000_{zero}")).is_ok());
+        let e = parse_cursor(&format!("-210866803200000001_{zero}")).unwrap_err();
+        assert!(e.contains("outside"), "{e}");
+        let e = parse_cursor(&format!("-300000000000000000_{zero}")).unwrap_err();
+        assert!(e.contains("outside"), "{e}");
+        for bad in ["", "12", "x_y", &format!("{}_{zero}", i64::MAX), "1_nope"] {
+            assert!(
+                parse_cursor(bad).unwrap_err().contains("not a cursor"),
+                "{bad}"
+            );
+        }
+    }
 }

@@ -2,7 +2,7 @@
 
 use axum::Extension;
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use pinq_core::db::{self, CancelResult};
 use serde_json::{Value, json};
@@ -11,11 +11,12 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::batches::parse_id;
 use crate::error::{ApiError, ApiResult};
+use crate::input::ApiPath;
 
 pub async fn get(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<Value>> {
     let id = parse_id(&id, "job")?;
     let job = db::get_job(&state.pool, id, caller.owner_filter())
@@ -34,7 +35,7 @@ pub async fn get(
 pub async fn cancel(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let id = parse_id(&id, "job")?;
     match db::cancel_job(&state.pool, id, caller.owner_filter()).await? {
@@ -53,7 +54,7 @@ pub async fn cancel(
 pub async fn retry(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let id = parse_id(&id, "job")?;
     let Some(owed) = db::redrive_failed(&state.pool, Some(id), None, caller.owner_filter()).await?

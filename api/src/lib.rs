@@ -9,7 +9,9 @@ mod backends;
 mod batch_body;
 mod batches;
 mod error;
+mod fallback;
 mod health;
+mod input;
 mod joblist;
 mod jobs;
 mod openapi;
@@ -35,7 +37,6 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tower_http::timeout::TimeoutLayer;
 
 pub use error::{ApiError, Problem};
 
@@ -234,11 +235,13 @@ fn router(state: AppState, max_body_bytes: usize, request_timeout: Duration) -> 
         .route("/docs", get(openapi::docs))
         .merge(authed)
         .merge(psa)
-        .fallback(health::not_found)
+        .fallback(fallback::not_found)
+        // After every route is added: it applies to the routes already there.
+        .method_not_allowed_fallback(fallback::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(TimeoutLayer::with_status_code(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        .layer(axum::middleware::from_fn_with_state(
             request_timeout,
+            fallback::timeout,
         ))
         .with_state(state)
 }

@@ -68,7 +68,7 @@ struct V1Doc;
 mod v1 {
     #[utoipa::path(post, path = "/v1/batches", tag = "batches",
         description = "Submit up to PINQ_MAX_BATCH_OPS operations {op, cid, replaces?, name?, meta?} with priority, backends and retry; optional Idempotency-Key header.",
-        responses((status = 202, description = "Accepted: {id, jobs}"), (status = 200, description = "Same Idempotency-Key: the first batch"), (status = 400, description = "Invalid; every problem listed"), (status = 413, description = "Too many operations")),
+        responses((status = 202, description = "Accepted: {id, jobs}"), (status = 200, description = "Same Idempotency-Key and request: the first batch"), (status = 400, description = "Invalid; every problem listed"), (status = 422, description = "Idempotency-Key already used with a different request (code idempotency_key_reused); nothing stored"), (status = 413, description = "Too many operations, or a body larger than PINQ_MAX_BODY_BYTES")),
         security(("bearerAuth" = [])))]
     fn submit_batch() {}
     #[utoipa::path(get, path = "/v1/batches", tag = "batches", description = "The caller's newest batches.",
@@ -100,7 +100,7 @@ mod v1 {
         responses((status = 202, description = "Re-driven"), (status = 404, description = "No such job for this token"), (status = 409, description = "Not failed")), security(("bearerAuth" = [])))]
     fn retry_job() {}
     #[utoipa::path(post, path = "/v1/backends", tag = "admin", description = "Register a backend {name, kind, url}.",
-        responses((status = 201, description = "Created"), (status = 403, description = "Not an admin token")), security(("bearerAuth" = [])))]
+        responses((status = 201, description = "Created"), (status = 403, description = "Not an admin token"), (status = 413, description = "Body larger than PINQ_MAX_BODY_BYTES")), security(("bearerAuth" = [])))]
     fn create_backend() {}
     #[utoipa::path(get, path = "/v1/backends", tag = "admin",
         responses((status = 200, description = "Backends with health"), (status = 403, description = "Not an admin token")), security(("bearerAuth" = [])))]
@@ -112,7 +112,7 @@ mod v1 {
         responses((status = 200, description = "Schedules"), (status = 403, description = "Not an admin token")), security(("bearerAuth" = [])))]
     fn list_schedules() {}
     #[utoipa::path(patch, path = "/v1/schedules/{name}", tag = "admin", params(("name" = String, Path)),
-        responses((status = 200, description = "Updated"), (status = 403, description = "Not an admin token")), security(("bearerAuth" = [])))]
+        responses((status = 200, description = "Updated"), (status = 403, description = "Not an admin token"), (status = 413, description = "Body larger than PINQ_MAX_BODY_BYTES")), security(("bearerAuth" = [])))]
     fn patch_schedule() {}
     #[utoipa::path(post, path = "/v1/schedules/{name}/run", tag = "admin", params(("name" = String, Path)),
         responses((status = 202, description = "Run requested"), (status = 403, description = "Not an admin token")), security(("bearerAuth" = [])))]

@@ -13,6 +13,7 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::batches::page_limit;
 use crate::error::{ApiError, ApiResult, Problem};
+use crate::input::check_text;
 
 #[derive(Debug, Deserialize)]
 pub struct PinQuery {
@@ -31,6 +32,17 @@ pub async fn list(
 ) -> ApiResult<Json<Value>> {
     let Query(q) = query.map_err(|e| ApiError::invalid(format!("invalid query: {e}"), vec![]))?;
     let limit = page_limit(q.limit)?;
+    // The backend name and the cursor reach the database as text.
+    let mut problems = Vec::new();
+    if let Some(Err(p)) = q.backend.as_deref().map(|b| check_text("query:backend", b)) {
+        problems.push(p);
+    }
+    if let Some(Err(p)) = q.after.as_deref().map(|a| check_text("query:after", a)) {
+        problems.push(p);
+    }
+    if !problems.is_empty() {
+        return Err(ApiError::invalid("invalid pin index query", problems));
+    }
     let cid = match q.cid.as_deref().map(str::trim).filter(|c| !c.is_empty()) {
         None => None,
         Some(c) => Some(PinCid::parse(c).map(|c| c.canonical()).map_err(|e| {

@@ -12,7 +12,7 @@ use axum::Extension;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
@@ -27,6 +27,8 @@ use uuid::Uuid;
 
 use crate::AppState;
 use crate::auth::Caller;
+use crate::error::{UNSTORABLE, unstorable_input};
+use crate::input::{NUL, PsaPath, nul_paths};
 
 /// The PSA settings the handlers need.
 #[derive(Debug, Clone)]
@@ -86,7 +88,10 @@ impl PsaError {
 
 impl From<sqlx::Error> for PsaError {
     fn from(e: sqlx::Error) -> Self {
-        if db::is_unavailable(&e) {
+        if unstorable_input(&e) {
+            tracing::warn!(error = %e, "the database refused a value of the request; check it where it is read");
+            PsaError::bad_request(UNSTORABLE)
+        } else if db::is_unavailable(&e) {
             tracing::warn!(error = %e, "database unavailable");
             PsaError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -166,13 +171,16 @@ pub(crate) fn parse_pin(v: &Value, owner: &str) -> PsaResult<NewPin> {
     };
     let name = match obj.get("name") {
         None | Some(Value::Null) => None,
-        Some(Value::String(s)) if s.chars().count() <= psa::MAX_NAME_LEN => Some(s.clone()),
-        Some(Value::String(_)) => {
+        Some(Value::String(s)) if s.chars().count() > psa::MAX_NAME_LEN => {
             return Err(PsaError::bad_request(format!(
                 "name is longer than {} characters",
                 psa::MAX_NAME_LEN
             )));
         }
+        Some(Value::String(s)) if s.contains('\0') => {
+            return Err(PsaError::bad_request(format!("name {NUL}")));
+        }
+        Some(Value::String(s)) => Some(s.clone()),
         Some(_) => return Err(PsaError::bad_request("name must be a string")),
     };
     let origins = match obj.get("origins") {
@@ -194,6 +202,9 @@ pub(crate) fn parse_pin(v: &Value, owner: &str) -> PsaResult<NewPin> {
                         "origins[{i}] must be a multiaddr string like /ip4/1.2.3.4/tcp/4001/p2p/<peer id>"
                     )));
                 };
+                if s.contains('\0') {
+                    return Err(PsaError::bad_request(format!("origins[{i}] {NUL}")));
+                }
                 if out.iter().any(|o| o == s) {
                     return Err(PsaError::bad_request(format!(
                         "origins[{i}] repeats '{}'; origins must be unique",
@@ -212,7 +223,7 @@ pub(crate) fn parse_pin(v: &Value, owner: &str) -> PsaResult<NewPin> {
     };
     let meta = match obj.get("meta") {
         None | Some(Value::Null) => Map::new(),
-        Some(v) => psa::parse_meta(v).map_err(PsaError::bad_request)?,
+        Some(v) => parse_meta("meta", v)?,
     };
     Ok(NewPin {
         owner: owner.to_owned(),
@@ -224,6 +235,18 @@ pub(crate) fn parse_pin(v: &Value, owner: &str) -> PsaResult<NewPin> {
     })
 }
 
+/// A `meta` object (the pin's, or the list's filter), refusing NUL characters in its
+/// keys and values.
+fn parse_meta(what: &str, v: &Value) -> PsaResult<Map<String, Value>> {
+    let meta = psa::parse_meta(v).map_err(PsaError::bad_request)?;
+    match nul_paths(&meta, "").first() {
+        Some(at) => Err(PsaError::bad_request(format!(
+            "{what} {NUL}; the key or value at {at} does"
+        ))),
+        None => Ok(meta),
+    }
+}
+
 /// Echoes at most 100 characters of client input back in an error message.
 fn clip(s: &str) -> String {
     if s.chars().count() <= 100 {
@@ -233,6 +256,8 @@ fn clip(s: &str) -> String {
     }
 }
 
+/// An RFC 3339 time. Its years have four digits (0000–9999), all of which PostgreSQL
+/// stores, so no range check is needed here (unlike the v1 routes' looser parsers).
 fn parse_time(key: &str, v: &str) -> PsaResult<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(v)
         .map(|t| t.with_timezone(&Utc))
@@ -275,6 +300,9 @@ pub(crate) fn parse_list_query(pairs: &[(String, String)]) -> PsaResult<ListFilt
                         "name filter is longer than {} characters",
                         psa::MAX_NAME_LEN
                     )));
+                }
+                if value.contains('\0') {
+                    return Err(PsaError::bad_request(format!("name filter {NUL}")));
                 }
                 name = Some(value.clone());
             }
@@ -322,7 +350,7 @@ pub(crate) fn parse_list_query(pairs: &[(String, String)]) -> PsaResult<ListFilt
                         "meta must be a URL-encoded JSON object like {{\"app_id\":\"…\"}}: {e}"
                     ))
                 })?;
-                f.meta = Some(psa::parse_meta(&v).map_err(PsaError::bad_request)?);
+                f.meta = Some(parse_meta("meta filter", &v)?);
             }
             // Parameters the spec does not define are ignored, as clients may add their own.
             _ => {}
@@ -508,7 +536,7 @@ async fn placement(state: &AppState) -> PsaResult<Vec<Backend>> {
 
 /// Best effort: asks the backends to connect to the pin's origins, in the background.
 fn connect_origins(state: &AppState, backends: Vec<Backend>, origins: Vec<String>) {
-    if origins.is_empty() {
+    if origins.is_empty() || !crate::batches::background_room(state) {
         return;
     }
     let http = state.http.clone();
@@ -557,7 +585,7 @@ pub async fn list(
 pub async fn get(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    PsaPath(id): PsaPath<String>,
 ) -> PsaResult<Json<Value>> {
     let id = parse_requestid(&id)?;
     let row = psa::get_request(&state.pool, id, caller.owner_filter())
@@ -571,7 +599,7 @@ pub async fn get(
 pub async fn replace(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    PsaPath(id): PsaPath<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> PsaResult<(StatusCode, Json<Value>)> {
     let id = parse_requestid(&id)?;
@@ -607,7 +635,7 @@ pub async fn replace(
 pub async fn remove(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    PsaPath(id): PsaPath<String>,
 ) -> PsaResult<StatusCode> {
     let id = parse_requestid(&id)?;
     let owed = psa::delete_request(&state.pool, id, caller.owner_filter(), settings(&state))
@@ -700,5 +728,42 @@ mod tests {
             .is_err()
         );
         assert!(parse_pin(&json!([V0]), "t").is_err());
+    }
+
+    fn details(r: PsaResult<impl std::fmt::Debug>) -> String {
+        match r {
+            Err(e) => {
+                assert_eq!(e.status, StatusCode::BAD_REQUEST, "{e:?}");
+                e.details
+            }
+            Ok(v) => panic!("accepted: {v:?}"),
+        }
+    }
+
+    #[test]
+    fn nul_characters_are_refused_naming_the_field() {
+        let pin = |v: Value| details(parse_pin(&v, "t").map(|p| p.name));
+        for (body, says) in [
+            (
+                json!({"cid": V0, "name": "a\u{0}"}),
+                "name must not contain the NUL",
+            ),
+            (
+                json!({"cid": V0, "origins": ["/ip4/1.2.3.4", "/ip4/\u{0}"]}),
+                "origins[1] must not contain the NUL",
+            ),
+            (json!({"cid": V0, "meta": {"app": "\u{0}"}}), "at /app"),
+            (
+                json!({"cid": V0, "meta": {"a\u{0}": "x"}}),
+                "meta must not contain the NUL",
+            ),
+        ] {
+            let d = pin(body.clone());
+            assert!(d.contains(says), "{body}: {d}");
+        }
+        let query = |k: &str, v: &str| details(q(&[(k, v)]).map(|f| f.limit));
+        assert!(query("name", "\u{0}").contains("name filter must not contain the NUL"));
+        assert!(query("meta", r#"{"app":"\u0000"}"#).contains("meta filter must not"));
+        assert!(query("meta", r#"{"\u0000":"x"}"#).contains("meta filter must not"));
     }
 }

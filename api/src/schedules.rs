@@ -7,7 +7,7 @@ use axum::Extension;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use pinq_core::schedule::{self, CatchUp, Patch, Run, Schedule};
@@ -18,6 +18,7 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::backends::require_admin;
 use crate::error::{ApiError, ApiResult, Problem, query_error};
+use crate::input::{ApiPath, NUL, TIME_RANGE, nul_paths, read_body, storable_time};
 
 /// A schedule as the API shows it: its row, the next fire time computed from its
 /// expression, and its latest run.
@@ -84,12 +85,11 @@ struct PatchBody {
 pub async fn patch(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<Value>> {
     require_admin(&caller)?;
-    let body =
-        body.map_err(|e| ApiError::invalid(format!("could not read the body: {e}"), vec![]))?;
+    let body = read_body(body)?;
     let req: PatchBody = serde_json::from_slice(&body).map_err(|e| ApiError::Invalid {
         code: "malformed_json",
         message: format!(
@@ -116,8 +116,14 @@ pub async fn patch(
             }
         },
     };
-    if req.args.as_ref().is_some_and(|a| !a.is_object()) {
-        problems.push(Problem::at("/args", "args must be a JSON object"));
+    match &req.args {
+        None => {}
+        Some(Value::Object(args)) => {
+            for path in nul_paths(args, "/args") {
+                problems.push(Problem::at(path, format!("args {NUL}, in keys or values")));
+            }
+        }
+        Some(_) => problems.push(Problem::at("/args", "args must be a JSON object")),
     }
     if !problems.is_empty() {
         return Err(ApiError::invalid("invalid schedule change", problems));
@@ -138,7 +144,7 @@ pub async fn patch(
 pub async fn run_now(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> ApiResult<(StatusCode, Json<Run>)> {
     require_admin(&caller)?;
     let run = schedule::request_run(&state.pool, &name)
@@ -158,7 +164,7 @@ pub struct RunsQuery {
 pub async fn runs(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     query: Result<Query<RunsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<Value>> {
     require_admin(&caller)?;
@@ -171,6 +177,12 @@ pub async fn runs(
                 "query:status",
                 "expected pending, running, succeeded, failed or skipped",
             )],
+        ));
+    }
+    if q.before.is_some_and(|t| !storable_time(&t)) {
+        return Err(ApiError::invalid(
+            format!("before {TIME_RANGE}"),
+            vec![Problem::at("query:before", TIME_RANGE)],
         ));
     }
     if schedule::get(&state.pool, &name).await?.is_none() {

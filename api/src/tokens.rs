@@ -5,7 +5,7 @@ use axum::Extension;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use pinq_core::tokens::{self, CreateTokenError, Scope, TokenRow};
@@ -17,6 +17,7 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::backends::require_admin;
 use crate::error::{ApiError, ApiResult, Problem};
+use crate::input::{ApiPath, read_body};
 
 /// Body of `POST /v1/tokens`.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -90,6 +91,7 @@ pub struct ListQuery {
         (status = 400, description = "Invalid name, owner or scope"),
         (status = 403, description = "Not an admin token"),
         (status = 409, description = "A live token has this name"),
+        (status = 413, description = "Body larger than PINQ_MAX_BODY_BYTES"),
     ),
     security(("bearerAuth" = []))
 )]
@@ -99,8 +101,7 @@ pub async fn create(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<CreatedToken>)> {
     require_admin(&caller)?;
-    let body =
-        body.map_err(|e| ApiError::invalid(format!("could not read the body: {e}"), vec![]))?;
+    let body = read_body(body)?;
     let req: CreateToken = serde_json::from_slice(&body).map_err(|e| {
         ApiError::invalid(
             format!(
@@ -182,7 +183,7 @@ pub async fn list(
 pub async fn revoke(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<TokenView>> {
     require_admin(&caller)?;
     let row = tokens::revoke_token(&state.pool, &id)

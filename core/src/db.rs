@@ -229,12 +229,52 @@ pub enum Stored {
     /// The batch and its jobs were committed; their messages are still owed to the broker.
     Created { id: Uuid, owed: Owed },
     /// A batch with the same owner and idempotency key already exists; nothing was written.
-    Existing { id: Uuid, job_count: i32 },
+    /// `same_request`: it was stored from the same request (see [`request_digest`]); a
+    /// batch stored before requests were recorded counts as the same.
+    Existing {
+        id: Uuid,
+        job_count: i32,
+        same_request: bool,
+    },
+}
+
+/// A digest of what a batch asks for, kept with an idempotency key so that the key used
+/// again with a different request can be told from a retry: the priority, the backends,
+/// the retry policy and every job's operation (not the ids, which each attempt draws
+/// anew). Each field is written with its length, so no two requests share a digest by the
+/// way their fields run together.
+pub fn request_digest(batch: &NewBatch, retry_json: &Value) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let mut put = |bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    let opt = |v: Option<&str>| v.map_or_else(|| vec![0u8], |s| [&[1u8], s.as_bytes()].concat());
+    put(&[batch.priority.get()]);
+    put(&(batch.backends.len() as u64).to_le_bytes());
+    for b in &batch.backends {
+        put(b.as_bytes());
+    }
+    put(retry_json.to_string().as_bytes());
+    put(&(batch.jobs.len() as u64).to_le_bytes());
+    for j in &batch.jobs {
+        put(&j.seq.to_le_bytes());
+        put(j.backend_id.as_bytes());
+        put(j.op.as_str().as_bytes());
+        put(j.cid.as_bytes());
+        put(&opt(j.replaces_cid.as_deref()));
+        put(&opt(j.name.as_deref()));
+        put(j.meta.to_string().as_bytes());
+        put(&[u8::from(j.unpin_all)]);
+    }
+    h.finalize().to_vec()
 }
 
 /// Stores a batch and all its jobs, and owes their messages in the dispatch outbox, in
 /// one statement: one round trip and one commit whatever the batch's size. If the owner
-/// already has a batch with this idempotency key, nothing is written.
+/// already has a batch with this idempotency key, nothing is written, and the answer says
+/// whether that batch was stored from the same request.
 pub async fn insert_batch(pool: &PgPool, batch: &NewBatch) -> Result<Stored, sqlx::Error> {
     let retry_json = serde_json::json!({
         "max_attempts": batch.retry.max_attempts,
@@ -282,13 +322,18 @@ pub async fn insert_batch(pool: &PgPool, batch: &NewBatch) -> Result<Stored, sql
     let mut backends = backend_ids.clone();
     backends.sort_unstable();
     backends.dedup();
+    let digest = batch
+        .idempotency_key
+        .as_ref()
+        .map(|_| request_digest(batch, &retry_json));
     // The jobs and the outbox row are written only if the batch row was (`FROM b`); the
     // backends' lock (see `lock_backends`) is taken before the statement commits, which is
     // all it needs.
     let entry: Option<(i64,)> = sqlx::query_as(
         "WITH b AS (
-             INSERT INTO batches (id, owner, priority, backends, retry, idempotency_key, job_count)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             INSERT INTO batches (id, owner, priority, backends, retry, idempotency_key, job_count,
+                                  request_digest)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $24)
              ON CONFLICT (owner, idempotency_key) DO NOTHING
              RETURNING id
          ), j AS (
@@ -331,17 +376,23 @@ pub async fn insert_batch(pool: &PgPool, batch: &NewBatch) -> Result<Stored, sql
     .bind(&cid_keys)
     .bind(&replaces_keys)
     .bind(&unpin_all)
+    .bind(&digest)
     .fetch_optional(pool)
     .await?;
     let Some((entry,)) = entry else {
-        let (id, job_count): (Uuid, i32) = sqlx::query_as(
-            "SELECT id, job_count FROM batches WHERE owner = $1 AND idempotency_key = $2",
+        let (id, job_count, stored): (Uuid, i32, Option<Vec<u8>>) = sqlx::query_as(
+            "SELECT id, job_count, request_digest FROM batches
+             WHERE owner = $1 AND idempotency_key = $2",
         )
         .bind(&batch.owner)
         .bind(&batch.idempotency_key)
         .fetch_one(pool)
         .await?;
-        return Ok(Stored::Existing { id, job_count });
+        return Ok(Stored::Existing {
+            id,
+            job_count,
+            same_request: stored.is_none() || stored == digest,
+        });
     };
     Ok(Stored::Created {
         id: batch.id,
@@ -442,9 +493,10 @@ pub struct ClaimedJob {
     pub claim_id: i64,
     /// See [`NewJob::unpin_all`].
     pub unpin_all: bool,
-    /// For an unpin or a replace: another owner holds a reference to the pin this job
-    /// removes (or the pin was made outside pinq), so the node keeps it and only this
-    /// owner's reference goes. Read when the job was claimed; jobs on one CID and backend
+    /// For an unpin or a replace: the pin index does not hold the pin this job removes
+    /// for this owner alone (another owner holds a reference, the pin was made outside
+    /// pinq, or the index has no row for it), so the node keeps it and only this owner's
+    /// reference, if any, goes. Read when the job was claimed; jobs on one CID and backend
     /// run one at a time, so no other job changes the pin's references while this one
     /// runs.
     pub others_hold: bool,
@@ -552,18 +604,20 @@ pub async fn claim_jobs(
                        j.name, j.priority, j.attempt, j.max_attempts, j.backoff_base_ms,
                        j.backoff_factor, j.backoff_max_ms, j.started_at, j.claim_id,
                        j.unpin_all,
-                       -- Whether anyone but this job's owner holds the pin it removes:
-                       -- another owner, or nobody in pinq (a pin made outside it,
-                       -- `unmanaged`). A pin's jobs never look: CASE evaluates only the
-                       -- branch taken.
+                       -- Whether anyone but this job's owner may hold the pin it
+                       -- removes: the node unpins it only if the pin index holds it for
+                       -- this owner alone. Otherwise another owner holds it, or nobody in
+                       -- pinq (a pin made outside it: `unmanaged`, or not indexed yet),
+                       -- or it was never pinned. A pin's jobs never look: CASE evaluates
+                       -- only the branch taken.
                        CASE WHEN j.op = 'pin' OR j.unpin_all THEN false
-                            ELSE EXISTS (
+                            ELSE NOT EXISTS (
                                 SELECT 1 FROM pins p
                                 WHERE p.backend_id = j.backend_id
                                   AND p.cid = CASE WHEN j.op = 'unpin' THEN j.cid_key
                                                    ELSE j.replaces_key END
-                                  AND (p.owner IS DISTINCT FROM j.owner
-                                       OR array_remove(p.others, j.owner) <> '{}'))
+                                  AND p.owner = j.owner
+                                  AND coalesce(array_remove(p.others, j.owner) = '{}', true))
                        END AS others_hold
          )
          SELECT * FROM c",
@@ -1136,7 +1190,8 @@ pub async fn relay_lock_due(
 
 /// [`relay_lock_due`] for [`RelayScan::Unblocked`]: one page of parked jobs, read in
 /// `jobs_blocked` order (by the id of the job each waits for) after `after`, and of those
-/// the ones whose blocker has ended. The page ends on a whole blocker, so jobs parked
+/// the ones their blocker no longer holds: it has ended, or it waits again and was
+/// submitted after them. The page ends on a whole blocker, so jobs parked
 /// behind one job are never split between two pages.
 async fn lock_unblocked(
     conn: &mut PgConnection,
@@ -1170,8 +1225,14 @@ async fn lock_unblocked(
         "SELECT j.id, j.priority FROM jobs j
          WHERE j.blocked_by IS NOT NULL AND j.blocked_by > $1 AND j.blocked_by <= $2
            AND j.state = 'retry_wait'
+           -- Still parked only while the claim would park it again: its blocker runs, or
+           -- waits and was submitted before it. A later blocker that went back to wait
+           -- without finishing (a retry, a deferral, a lost lease) no longer holds it, so
+           -- two jobs never wait for each other.
            AND NOT EXISTS (SELECT 1 FROM jobs b WHERE b.id = j.blocked_by
-                           AND b.state IN ('queued', 'running', 'retry_wait'))
+                           AND (b.state = 'running'
+                                OR (b.state IN ('queued', 'retry_wait')
+                                    AND b.submit_seq < j.submit_seq)))
          ORDER BY j.submit_seq FOR UPDATE OF j SKIP LOCKED",
     )
     .bind(after)
@@ -1227,9 +1288,11 @@ async fn lock_expired_claims(
 
 /// Moves jobs locked by [`relay_lock_due`] (back) to `queued` and owes their messages in
 /// the dispatch outbox, in the caller's transaction. An expired lease's attempt is
-/// recorded as lost. The caller commits before anything is published: a claim never waits
-/// on a row whose committed state does not match, so a message that reached a worker
-/// before the commit would be dropped.
+/// recorded as lost. A job whose cancellation was requested while it ran (its worker died
+/// before it could stop it) ends `cancelled` instead, and is owed no message: a queued
+/// job never has a cancel request pending. The caller commits before anything is
+/// published: a claim never waits on a row whose committed state does not match, so a
+/// message that reached a worker before the commit would be dropped.
 pub async fn relay_requeue(
     conn: &mut PgConnection,
     scan: RelayScan,
@@ -1238,8 +1301,11 @@ pub async fn relay_requeue(
     if scan == RelayScan::ExpiredLeases {
         sqlx::query(
             "INSERT INTO job_attempts (job_id, attempt, worker_id, started_at, finished_at, outcome, error)
-             SELECT id, attempt, lease_owner, coalesce(started_at, now()), now(), 'lost',
-                    'lease expired: worker presumed dead'
+             SELECT id, attempt, lease_owner, coalesce(started_at, now()), now(),
+                    CASE WHEN cancel_requested THEN 'cancelled' ELSE 'lost' END,
+                    CASE WHEN cancel_requested
+                         THEN 'cancelled by request; the lease expired before the worker stopped the job'
+                         ELSE 'lease expired: worker presumed dead' END
              FROM jobs WHERE id = ANY($1) AND state = 'running'
              ON CONFLICT (job_id, attempt) DO UPDATE
              SET finished_at = EXCLUDED.finished_at, outcome = EXCLUDED.outcome, error = EXCLUDED.error
@@ -1249,19 +1315,29 @@ pub async fn relay_requeue(
         .execute(&mut *conn)
         .await?;
     }
-    sqlx::query(
-        "UPDATE jobs SET state = 'queued', lease_owner = NULL, retry_at = NULL, blocked_by = NULL,
+    let rows: Vec<(Uuid, String)> = sqlx::query_as(
+        "UPDATE jobs SET state = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'queued' END,
+                finished_at = CASE WHEN cancel_requested THEN now() END,
+                lease_owner = NULL, retry_at = NULL, blocked_by = NULL,
                 updated_at = now(),
-                last_error = CASE WHEN state = 'running'
+                last_error = CASE WHEN cancel_requested THEN 'cancelled by request'
+                                  WHEN state = 'running'
                                   THEN 'lease expired: worker presumed dead'
                                   WHEN blocked_by IS NOT NULL THEN NULL
                                   ELSE last_error END
-         WHERE id = ANY($1)",
+         WHERE id = ANY($1)
+         RETURNING id, state",
     )
     .bind(ids)
-    .execute(&mut *conn)
+    .fetch_all(&mut *conn)
     .await?;
-    owe_dispatch(conn, ids, false).await?;
+    let queued: Vec<Uuid> = rows
+        .into_iter()
+        .filter_map(|(id, state)| (state == "queued").then_some(id))
+        .collect();
+    if !queued.is_empty() {
+        owe_dispatch(conn, &queued, false).await?;
+    }
     Ok(())
 }
 

@@ -52,10 +52,13 @@ impl BackendError {
         // The backend's URL stays out of the message: it ends up in job errors that
         // tenants read, and a URL can carry credentials.
         let e = e.without_url();
-        if e.is_timeout() {
-            BackendError::Timeout(e.to_string())
-        } else if e.is_connect() {
+        // A connection that was never made, however it failed (refused, or out of time
+        // while connecting: such an error is a timeout too), never reached the backend:
+        // the job waits without spending an attempt.
+        if e.is_connect() {
             BackendError::Unreachable(e.to_string())
+        } else if e.is_timeout() {
+            BackendError::Timeout(e.to_string())
         } else if e.is_decode() {
             BackendError::Protocol(e.to_string())
         } else {
@@ -531,6 +534,43 @@ mod tests {
         assert!(classify(408, "").is_transient());
         assert!(classify(503, "<html>").is_transient());
         assert!(!classify(404, "no such endpoint").is_transient());
+    }
+
+    /// A backend whose host takes no new connection (a full accept queue, as a host that
+    /// drops them would behave) runs the client's connect timeout out: the backend never
+    /// saw the request, so the job must not spend an attempt on it.
+    #[tokio::test]
+    async fn a_connection_that_times_out_is_unreachable() {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind(([127, 0, 0, 1], 0).into()).expect("bind");
+        // Never accepted: once the queue of a backlog of 0 is full, the kernel drops
+        // further connection attempts unanswered.
+        let listener = socket.listen(0).expect("listen");
+        let addr = listener.local_addr().expect("address");
+        let mut queued = Vec::new();
+        for _ in 0..4 {
+            let connect = tokio::net::TcpStream::connect(addr);
+            if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(300), connect).await {
+                queued.push(s);
+            }
+        }
+        assert!(!queued.is_empty(), "the accept queue took a connection");
+        assert!(queued.len() < 4, "the accept queue filled up");
+
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(300))
+            .build()
+            .expect("client");
+        let client = KuboClient::new(http, &format!("http://{addr}"));
+        let err = client
+            .pin_add("bafkreiabc", Duration::from_secs(20))
+            .await
+            .expect_err("no connection");
+        assert!(
+            matches!(err, BackendError::Unreachable(_)),
+            "a connect timeout is unreachable: {err:?}"
+        );
+        drop(listener);
     }
 
     #[test]

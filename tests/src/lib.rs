@@ -1,8 +1,10 @@
 //! The end-to-end test harness. Each test builds a [`Stack`]: its own PostgreSQL database,
 //! its own RabbitMQ queue name, its own js-ipfs node (a real IPFS node, started from
 //! `deploy/ipfs/node.mjs`), and the real `pinq-api`, `pinq-worker` and `pinq-scheduler`
-//! binaries as child processes. Nothing is mocked; the one test double, [`FaultProxy`],
-//! stands between a process and RabbitMQ to make the broker unreachable on demand.
+//! binaries as child processes. Nothing the tests check is mocked; their one test
+//! double, [`FaultProxy`], stands between a process and RabbitMQ to make the broker
+//! unreachable on demand. [`kubo_double`], a test double of the Kubo RPC with injected
+//! latency and errors, serves only the benchmark (`tests/examples/bench`), never a test.
 //!
 //! The binaries must be built first (`cargo build --workspace --bins`, which the test
 //! command in the README does).
@@ -16,7 +18,7 @@ use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -624,31 +626,49 @@ pub fn unique_contents(n: usize) -> Vec<Vec<u8>> {
 // The broker fault injector (a test double: a TCP proxy that can be cut)
 
 /// A TCP proxy in front of RabbitMQ. While cut, it closes every open connection and
-/// refuses new ones, so the broker is unreachable for whoever connects through it. This is
-/// the one test double of the suite: RabbitMQ itself keeps running for other tests.
+/// refuses new ones, so the broker is unreachable for whoever connects through it; while
+/// stalled, it closes them too but takes new ones and never answers, as a broker host that
+/// drops packets would. This is the one test double of the suite: RabbitMQ itself keeps
+/// running for other tests.
 pub struct FaultProxy {
     pub port: u16,
-    up: Arc<AtomicBool>,
+    mode: Arc<AtomicU8>,
     generation: tokio::sync::watch::Sender<u64>,
     task: tokio::task::JoinHandle<()>,
 }
+
+/// [`FaultProxy`]'s modes.
+const PROXY_UP: u8 = 0;
+const PROXY_CUT: u8 = 1;
+const PROXY_STALLED: u8 = 2;
 
 impl FaultProxy {
     pub async fn start(target: &str) -> anyhow::Result<FaultProxy> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
-        let up = Arc::new(AtomicBool::new(true));
+        let mode = Arc::new(AtomicU8::new(PROXY_UP));
         let (generation, gen_rx) = tokio::sync::watch::channel(0u64);
         let target = target.to_owned();
-        let up2 = up.clone();
+        let mode2 = mode.clone();
         let task = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
-                if !up2.load(Ordering::SeqCst) {
-                    drop(inbound);
-                    continue;
-                }
                 let mut rx = gen_rx.clone();
                 let born = *rx.borrow();
+                match mode2.load(Ordering::SeqCst) {
+                    PROXY_CUT => {
+                        drop(inbound);
+                        continue;
+                    }
+                    PROXY_STALLED => {
+                        // Held open, unanswered, until the mode changes.
+                        tokio::spawn(async move {
+                            let _ = rx.wait_for(|g| *g != born).await;
+                            drop(inbound);
+                        });
+                        continue;
+                    }
+                    _ => {}
+                }
                 let target = target.clone();
                 tokio::spawn(async move {
                     let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
@@ -663,7 +683,7 @@ impl FaultProxy {
         });
         Ok(FaultProxy {
             port,
-            up,
+            mode,
             generation,
             task,
         })
@@ -675,12 +695,21 @@ impl FaultProxy {
     }
 
     pub fn cut(&self) {
-        self.up.store(false, Ordering::SeqCst);
+        self.mode.store(PROXY_CUT, Ordering::SeqCst);
         self.generation.send_modify(|g| *g += 1);
     }
 
+    /// Closes every open connection and holds new ones without an answer.
+    pub fn stall(&self) {
+        self.mode.store(PROXY_STALLED, Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Forwards again; connections held by a stall are closed.
     pub fn restore(&self) {
-        self.up.store(true, Ordering::SeqCst);
+        if self.mode.swap(PROXY_UP, Ordering::SeqCst) == PROXY_STALLED {
+            self.generation.send_modify(|g| *g += 1);
+        }
     }
 }
 
@@ -998,15 +1027,16 @@ impl Stack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            for p in self.all_procs() {
-                eprintln!(
-                    "----- {} (last lines of {}) -----\n{}",
-                    p.label,
-                    p.log.display(),
-                    p.log_tail(40)
-                );
-            }
+        // Always written: the test harness captures a test's output and shows it only if
+        // the test fails, whether by a panic or by returning an error (which a drop
+        // cannot tell apart from a pass).
+        for p in self.all_procs() {
+            eprintln!(
+                "----- {} (last lines of {}) -----\n{}",
+                p.label,
+                p.log.display(),
+                p.log_tail(40)
+            );
         }
         // Stop the processes before the database and the queue go.
         self.api.take();

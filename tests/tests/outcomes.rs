@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use pinq_core::cid::canonical_of;
-use pinq_core::db::{self, ClaimedJob, NewBatch, NewJob, RelayScan, Stored};
+use pinq_core::db::{self, ClaimedJob, NewBatch, NewJob, Outcome, RelayScan, Stored};
 use pinq_core::model::{Op, Priority};
 use pinq_core::retry::RetryPolicy;
 use pinq_e2e::{TestDb, new_job, random_cid, relay_scan, relay_scan_limit, store_batch};
@@ -116,8 +116,30 @@ async fn a_batch_is_one_statement_and_its_outbox_row_names_every_job() -> anyhow
     };
     assert_eq!(
         db::insert_batch(&db.pool, &again).await?,
-        Stored::Existing { id, job_count: 2 }
+        Stored::Existing {
+            id,
+            job_count: 2,
+            same_request: true
+        }
     );
+    // The same key with another request (here one operation's name differs, or the
+    // priority) writes nothing either, and says the request differs.
+    let mut renamed = again.clone();
+    renamed.jobs[1].name = Some("other".into());
+    let reprioritised = NewBatch {
+        priority: Priority::new(6)?,
+        ..again.clone()
+    };
+    for other in [renamed, reprioritised] {
+        assert_eq!(
+            db::insert_batch(&db.pool, &other).await?,
+            Stored::Existing {
+                id,
+                job_count: 2,
+                same_request: false
+            }
+        );
+    }
     assert_eq!(db.count("jobs").await, 2);
     assert_eq!(db.count("dispatch_outbox").await, 1);
 
@@ -234,8 +256,11 @@ async fn successes_that_touch_one_pin_are_applied_in_order() -> anyhow::Result<(
     let backend = db::insert_backend(&db.pool, "b", "kubo", "http://127.0.0.1:9").await?;
     let worker = Uuid::now_v7();
     // Claims never hand out two jobs on one pin, except jobs stored before keys were
-    // canonical: a CIDv0 and its CIDv1 spelling had two keys. Pin then unpin: the unpin
-    // wins, as it would alone.
+    // canonical: a CIDv0 and its CIDv1 spelling had two keys. Pin then unpin: both are
+    // applied, in order. The unpin was claimed before the pin's row existed, when the
+    // index held the pin for nobody, so it left the node's pin alone (a pin the index
+    // does not know may have been made outside pinq): Alice's reference goes, and the row
+    // stays, held by nobody in pinq.
     let v1 = canonical_of(V0).expect("valid CID");
     let (ids, written) = run_as_one_group(
         &db,
@@ -247,7 +272,10 @@ async fn successes_that_touch_one_pin_are_applied_in_order() -> anyhow::Result<(
     )
     .await?;
     assert_eq!(written, ids);
-    assert_eq!(pin_row(&db, backend.id, V0).await?, None);
+    assert_eq!(
+        refs(&db, backend.id, V0).await?,
+        Some((None, vec![], None, None, "unmanaged".into()))
+    );
 
     // Unpin then pin: the pin wins.
     let ids = unpin_then_pin(&db, worker, backend.id).await?;
@@ -424,6 +452,18 @@ async fn each_owner_holds_its_own_reference_to_a_pin() -> anyhow::Result<()> {
             "pinned".into()
         ))
     );
+
+    // Nor does an unpin of a pin the index does not know (made outside pinq and not
+    // listed yet, or never made): the node is not asked, and no row appears.
+    let e = random_cid();
+    let unknown = run_as(&db, "alice", worker, vec![job(b, 0, Op::Unpin, &e)]).await?;
+    assert!(unknown[0].others_hold && !unknown[0].unpins_on_node() && !unknown[0].calls_node());
+    assert_eq!(refs(&db, b, &e).await?, None);
+    // A replace of such a pin pins the new CID and leaves the old one alone.
+    let f = random_cid();
+    let replaced = run_as(&db, "alice", worker, vec![replace_job(b, 0, &f, &e)]).await?;
+    assert!(replaced[0].others_hold && !replaced[0].unpins_on_node() && replaced[0].calls_node());
+    assert_eq!(refs(&db, b, &e).await?, None);
     Ok(())
 }
 
@@ -538,6 +578,157 @@ async fn jobs_on_one_cid_are_claimed_one_at_a_time_in_submission_order() -> anyh
         parked(&db, &later).await?,
         vec![(later[0], "retry_wait".to_owned(), Some(ids[1]), true)]
     );
+    Ok(())
+}
+
+/// A job parked behind a later one that runs (the earlier job was failed and re-driven
+/// while the later one ran) is given back once that later job goes back to wait without
+/// finishing: otherwise the later job, claimed again, would park behind the earlier, and
+/// the two would wait for each other for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_jobs_on_one_cid_never_wait_for_each_other() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let backend = db::insert_backend(&db.pool, "b", "kubo", "http://127.0.0.1:9").await?;
+    let worker = Uuid::now_v7();
+    let state_of = |id: Uuid| {
+        let pool = db.pool.clone();
+        async move {
+            let row: (String, Option<Uuid>) =
+                sqlx::query_as("SELECT state, blocked_by FROM jobs WHERE id = $1")
+                    .bind(id)
+                    .fetch_one(&pool)
+                    .await?;
+            anyhow::Ok(row)
+        }
+    };
+
+    // The earlier job fails; the later one, on the same CID, is claimed and runs.
+    let (_, earlier) = store(&db, "alice", vec![job(backend.id, 0, Op::Pin, A)]).await?;
+    let first = claim(&db, &earlier, worker).await?;
+    let failed = Outcome::Failed {
+        error: "gone".into(),
+    };
+    assert!(db::finish_job(&db.pool, &first[0], worker, &failed).await?);
+    let (_, later) = store(&db, "alice", vec![job(backend.id, 0, Op::Pin, A)]).await?;
+    let running = claim(&db, &later, worker).await?;
+    assert_eq!(running.len(), 1);
+
+    // The earlier job is re-driven and claimed: it parks behind the running later one.
+    assert!(
+        db::redrive_failed(&db.pool, Some(earlier[0]), None, None)
+            .await?
+            .is_some()
+    );
+    assert!(claim(&db, &earlier, worker).await?.is_empty());
+    assert_eq!(
+        state_of(earlier[0]).await?,
+        ("retry_wait".to_owned(), Some(later[0]))
+    );
+
+    // The later job's attempt ends in a retry; when due, it is claimed again and parks
+    // behind the earlier job, which waits and was submitted first.
+    let retry = Outcome::Retry {
+        error: "busy".into(),
+        run_at: chrono::Utc::now() - chrono::Duration::seconds(1),
+    };
+    assert!(db::finish_job(&db.pool, &running[0], worker, &retry).await?);
+    let (_, due) = relay_scan(&db.pool, RelayScan::DueRetries).await?;
+    assert_eq!(due, later);
+    assert!(claim(&db, &later, worker).await?.is_empty());
+    assert_eq!(
+        state_of(later[0]).await?,
+        ("retry_wait".to_owned(), Some(earlier[0]))
+    );
+
+    // The earlier job is given back (its blocker waits, and came later); the later one
+    // still waits for it. The earlier job then runs, and once it ends the later one goes.
+    let (_, given) = relay_scan(&db.pool, RelayScan::Unblocked { after: Uuid::nil() }).await?;
+    assert_eq!(given, earlier, "the earlier job is no longer held");
+    let again = claim(&db, &earlier, worker).await?;
+    assert_eq!(again.len(), 1, "and runs");
+    let group: Vec<&ClaimedJob> = again.iter().collect();
+    assert_eq!(
+        db::finish_succeeded(&db.pool, &group, worker).await?,
+        earlier
+    );
+    let (_, given) = relay_scan(&db.pool, RelayScan::Unblocked { after: Uuid::nil() }).await?;
+    assert_eq!(given, later);
+    assert_eq!(claim(&db, &later, worker).await?.len(), 1);
+    db.check_tallies().await?;
+    Ok(())
+}
+
+/// A job whose cancellation was requested while it ran, and whose worker died before it
+/// could stop it, ends `cancelled` when the relay takes its expired lease back: it is not
+/// queued to run again, and no message is owed for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_request_outlives_the_worker_that_held_the_job() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let backend = db::insert_backend(&db.pool, "b", "kubo", "http://127.0.0.1:9").await?;
+    let worker = Uuid::now_v7();
+    let (_, ids) = store(
+        &db,
+        "alice",
+        vec![
+            job(backend.id, 0, Op::Pin, A),
+            job(backend.id, 1, Op::Pin, B),
+        ],
+    )
+    .await?;
+    let claimed = claim(&db, &ids, worker).await?;
+    assert_eq!(claimed.len(), 2);
+    assert_eq!(
+        db::cancel_job(&db.pool, ids[0], None).await?,
+        Some(db::CancelResult::Requested)
+    );
+    // The worker dies: its claim's lease runs out, and the relay takes the jobs back.
+    sqlx::query("UPDATE job_claims SET lease_until = now() - interval '1 second'")
+        .execute(&db.pool)
+        .await?;
+    let (_, requeued) = relay_scan(&db.pool, RelayScan::ExpiredLeases).await?;
+    assert_eq!(requeued.len(), 2);
+    let states: Vec<(Uuid, String, bool)> = sqlx::query_as(
+        "SELECT id, state, finished_at IS NOT NULL FROM jobs WHERE id = ANY($1) ORDER BY seq",
+    )
+    .bind(&ids)
+    .fetch_all(&db.pool)
+    .await?;
+    assert_eq!(
+        states,
+        vec![
+            (ids[0], "cancelled".to_owned(), true),
+            (ids[1], "queued".to_owned(), false),
+        ]
+    );
+    let attempts: Vec<(Uuid, String)> = sqlx::query_as(
+        "SELECT job_id, outcome FROM job_attempts WHERE job_id = ANY($1) ORDER BY job_id = $2 DESC",
+    )
+    .bind(&ids)
+    .bind(ids[0])
+    .fetch_all(&db.pool)
+    .await?;
+    assert_eq!(
+        attempts,
+        vec![
+            (ids[0], "cancelled".to_owned()),
+            (ids[1], "lost".to_owned())
+        ]
+    );
+    let owed: Vec<(Vec<Uuid>,)> =
+        sqlx::query_as("SELECT job_ids FROM dispatch_outbox WHERE published_at IS NULL")
+            .fetch_all(&db.pool)
+            .await?;
+    assert!(
+        owed.iter().all(|(jobs,)| !jobs.contains(&ids[0])),
+        "no message is owed for the cancelled job: {owed:?}"
+    );
+    assert!(
+        owed.iter().any(|(jobs,)| jobs.contains(&ids[1])),
+        "the other job is owed its message: {owed:?}"
+    );
+    // Nothing can claim it again.
+    assert!(claim(&db, &ids[..1], worker).await?.is_empty());
+    db.check_tallies().await?;
     Ok(())
 }
 

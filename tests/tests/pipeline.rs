@@ -8,7 +8,7 @@ use lapin::BasicProperties;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOptions};
 use pinq_core::amqp::JobMessage;
 use pinq_core::cid::canonical_of;
-use pinq_e2e::{FaultProxy, Stack, unique_contents};
+use pinq_e2e::{FaultProxy, Stack, random_cid, unique_contents};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -328,18 +328,7 @@ async fn a_job_whose_message_was_lost_in_the_broker_is_published_again() -> anyh
         .submit_ok(&json!({"ops": pin_ops(&cids, "pin")}))
         .await?;
     // Published and confirmed: nothing is owed any more.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let (owed,): (i64,) =
-            sqlx::query_as("SELECT count(*) FROM dispatch_outbox WHERE published_at IS NULL")
-                .fetch_one(&stack.db.pool)
-                .await?;
-        if owed == 0 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "never published");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_nothing_owed(&stack, Duration::from_secs(30)).await?;
     // An operator purges the queue: the messages are gone, the jobs still queued.
     let (conn, ch) = stack.amqp_channel().await?;
     let purged = ch
@@ -517,6 +506,67 @@ async fn a_batch_submitted_while_the_broker_is_unreachable_finishes_when_it_retu
         .send()
         .await?;
     assert_eq!(resp.status(), 200);
+    Ok(())
+}
+
+/// Waits until every dispatch-outbox entry has been published and confirmed.
+async fn wait_nothing_owed(stack: &Stack, within: Duration) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let (owed,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM dispatch_outbox WHERE published_at IS NULL")
+                .fetch_one(&stack.db.pool)
+                .await?;
+        if owed == 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "{owed} outbox entries still owed after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// While the broker takes connections but never answers, each of the API's background
+/// publishes waits out its connect timeout in turn: the API starts no more than a bounded
+/// number of them and leaves the rest to the relay, so its memory does not grow with every
+/// batch accepted meanwhile. Once the broker answers again every job is dispatched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_bounds_its_publishes_while_the_broker_stalls() -> anyhow::Result<()> {
+    const BATCHES: usize = 80;
+    let proxy = FaultProxy::start("127.0.0.1:5672").await?;
+    let mut stack = Stack::new().await?;
+    stack.amqp_url = proxy.amqp_url();
+    stack.start_api().await?;
+    stack.register_backend("b", "http://127.0.0.1:9").await?;
+
+    proxy.stall();
+    for _ in 0..BATCHES {
+        stack
+            .submit_ok(&json!({"ops": [{"op": "pin", "cid": random_cid()}]}))
+            .await?;
+    }
+    let log = std::fs::read_to_string(&stack.api.as_ref().expect("the API runs").log)?;
+    let skipped = log.matches("too many publishes under way").count();
+    // 64 at most under way (a few may have timed out and made room meanwhile).
+    assert!(
+        skipped >= BATCHES - 64 - 6,
+        "the API left publishes beyond its bound to the relay ({skipped} of {BATCHES})"
+    );
+
+    // The broker answers again; the relay publishes what the API left.
+    proxy.restore();
+    stack.start_scheduler()?;
+    wait_nothing_owed(&stack, Duration::from_secs(90)).await?;
+    let (published,): (i64,) =
+        sqlx::query_as("SELECT count(DISTINCT j) FROM dispatch_outbox o, unnest(o.job_ids) AS j")
+            .fetch_one(&stack.db.pool)
+            .await?;
+    assert_eq!(
+        published, BATCHES as i64,
+        "every job's message was confirmed"
+    );
     Ok(())
 }
 

@@ -366,11 +366,17 @@ async fn an_unprovided_cid_backs_off_then_fails_and_can_be_redriven() -> anyhow:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_a_loaded_worker_within_its_grace_and_strands_no_job() -> anyhow::Result<()> {
-    const GRACE_SECS: u64 = 3;
+    const GRACE_SECS: u64 = 6;
     let mut stack = Stack::new().await?;
     stack
         .env
         .push(("PINQ_SHUTDOWN_GRACE_SECS".into(), GRACE_SECS.to_string()));
+    // A grace period longer than the time after which a silent worker is taken for lost:
+    // the draining worker keeps its heartbeat, so its running jobs stay its own.
+    stack.env.push(("PINQ_HEARTBEAT_SECS".into(), "1".into()));
+    stack
+        .env
+        .push(("PINQ_WORKER_STALE_SECS".into(), "3".into()));
     stack
         .env
         .push(("PINQ_PIN_TIMEOUT_SECS".into(), "30".into()));
@@ -412,7 +418,8 @@ async fn sigterm_stops_a_loaded_worker_within_its_grace_and_strands_no_job() -> 
         "no job is left running under the stopped worker"
     );
     let (released,): (i64,) = sqlx::query_as(
-        "SELECT count(*) FROM job_attempts WHERE worker_id = $1 AND outcome = 'lost'",
+        "SELECT count(*) FROM job_attempts WHERE worker_id = $1 AND outcome = 'lost'
+         AND error = 'worker shut down before the job finished'",
     )
     .bind(worker_id)
     .fetch_one(&stack.db.pool)
@@ -422,8 +429,8 @@ async fn sigterm_stops_a_loaded_worker_within_its_grace_and_strands_no_job() -> 
         .fetch_one(&stack.db.pool)
         .await?;
     assert_eq!(state, "stopped");
-    // The five stuck pins were running when the grace period ended: handed back, not
-    // abandoned. (They also prove slow pins do not stop a worker claiming other work: the
+    // The five stuck pins were running when the grace period ended: handed back by the
+    // worker itself, not abandoned, nor taken from it for lost while it drained. (They also prove slow pins do not stop a worker claiming other work: the
     // batch progressed beside them.)
     assert_eq!(released, 5, "the stuck pins were handed back");
 

@@ -178,7 +178,6 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         grace_secs = grace.as_secs(),
         "draining in-flight jobs"
     );
-    let _ = db::heartbeat(&pool, id, in_flight, "stopping").await;
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!(
             in_flight = ctx.in_flight.load(Ordering::Relaxed),
@@ -748,15 +747,21 @@ async fn execute(
     }
 }
 
+/// Records the worker's heartbeat until it is aborted, which is after the drain: a worker
+/// draining its jobs is `stopping`, and keeps beating, so the scheduler does not take it
+/// for lost and hand its running jobs to others while the grace period lets them finish.
 async fn heartbeat_loop(ctx: Arc<Ctx>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(ctx.args.heartbeat_secs.max(1)));
+    let mut stopping = false;
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            // At once when the drain starts, then on the tick.
+            _ = shutdown.cancelled(), if !stopping => stopping = true,
             _ = tick.tick() => {}
         }
+        let state = if stopping { "stopping" } else { "running" };
         let n = ctx.in_flight.load(Ordering::Relaxed);
-        if let Err(e) = db::heartbeat(&ctx.pool, ctx.id, n, "running").await {
+        if let Err(e) = db::heartbeat(&ctx.pool, ctx.id, n, state).await {
             tracing::warn!(error = %e, "heartbeat failed");
         }
     }

@@ -1,0 +1,19 @@
+-- The job tallies' update trigger no longer slows down as the square of a statement's
+-- jobs.
+--
+-- `pinq_tally_updated_jobs` finds the jobs a statement finished by joining the
+-- statement's rows after the update (`new_rows`) to the same rows before it
+-- (`old_rows`) on the job's id. PL/pgSQL plans that join once per session, on the
+-- trigger's first call, with the sizes of that call's transition tables, and keeps the
+-- plan for every later call. A connection whose first update of `jobs` touched a single
+-- job (a cancel, a small claim or a lone success) so kept a nested loop, and every later
+-- statement compared each of its rows with each of its rows: a worker's group of 560
+-- successes made 313,600 comparisons in the trigger, and the whole update of those 560
+-- jobs took 52–73 ms against 8–12 ms on a connection whose first update had been large
+-- (bench/tally-replay/run.sh).
+--
+-- With nested loops turned off for the function, the join is planned as a hash join
+-- whatever the first call's size, and costs a statement time in proportion to its jobs.
+-- The setting holds only while the trigger runs; the statements that fire it are planned
+-- as before.
+ALTER FUNCTION pinq_tally_updated_jobs() SET enable_nestloop = off;
