@@ -9,7 +9,7 @@
 -- job (a cancel, a small claim or a lone success) so kept a nested loop, and every later
 -- statement compared each of its rows with each of its rows: a worker's group of 560
 -- successes made 313,600 comparisons in the trigger, and the whole update of those 560
--- jobs took 52–73 ms against 8–12 ms on a connection whose first update had been large
+-- jobs took 48–88 ms against 8–12 ms on a connection whose first update had been large
 -- (bench/tally-replay/run.sh).
 --
 -- With nested loops turned off for the function, the join is planned as a hash join

@@ -23,6 +23,7 @@ use pinq_core::model::{BackendName, JobState, Op, Priority};
 use pinq_core::retry::RetryPolicy;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::AppState;
@@ -165,6 +166,11 @@ pub async fn submit(
         priority: request.priority,
         backends: backends.iter().map(|b| b.name.clone()).collect(),
         retry: request.retry,
+        // The body as sent: a retry sends the same bytes, whatever has changed on the
+        // server since (its backends, its default retry policy).
+        request_digest: idempotency_key
+            .as_ref()
+            .map(|_| Sha256::digest(&body).to_vec()),
         idempotency_key,
         jobs,
     };
@@ -191,29 +197,23 @@ pub async fn submit(
             same_request: false,
             ..
         } => Err(ApiError::IdempotencyKeyReused(format!(
-            "this Idempotency-Key was already used for batch {id} with a different request; \
-             nothing was stored (send a new key for a new request)"
+            "this Idempotency-Key was already used for batch {id} with a different request \
+             body; that batch is stored and this request was not (a new request needs a new key)"
         ))),
     }
 }
 
-/// Most background tasks (publishes, and the Pinning Service API's best-effort origin
-/// connects) under way at once. Each holds its batch's job ids, and while the broker
-/// cannot be reached a publish waits out its connect timeout: without a bound, a busy API
-/// would gather memory for as long as the broker stays away.
-const MAX_BACKGROUND_TASKS: usize = 64;
-
-/// Whether another background task may start now (see [`MAX_BACKGROUND_TASKS`]).
-pub(crate) fn background_room(state: &AppState) -> bool {
-    state.dispatches.len() < MAX_BACKGROUND_TASKS
-}
+/// Most background publishes under way at once. Each holds its batch's job ids, and
+/// while the broker cannot be reached a publish waits out its connect timeout: without a
+/// bound, a busy API would gather memory for as long as the broker stays away.
+const MAX_PUBLISHES: usize = 64;
 
 /// Publishes freshly committed jobs in the background, then deletes their dispatch-outbox
 /// entry. Failure is logged, not returned: the jobs are safe in PostgreSQL, and the relay
 /// publishes an entry still there after its grace period, as it does when too many
 /// publishes are already under way to start this one.
 pub(crate) fn dispatch(state: &AppState, owed: db::Owed) {
-    if !background_room(state) {
+    if state.dispatches.len() >= MAX_PUBLISHES {
         tracing::warn!(
             jobs = owed.jobs.len(),
             "too many publishes under way (is the broker slow or away?); the relay will dispatch these jobs"

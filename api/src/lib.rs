@@ -64,6 +64,9 @@ pub struct AppState {
     pub max_batch_ops: usize,
     /// Background publishes still under way; drained on shutdown.
     pub dispatches: TaskTracker,
+    /// Room for the Pinning Service API's best-effort connects to a pin's origins, apart
+    /// from the publishes', so that slow origins never hold publishes up.
+    pub origin_connects: Arc<tokio::sync::Semaphore>,
     /// Pinning Service API settings (placement, priority, swarm port).
     pub psa: Arc<pins::PsaConfig>,
     /// Backend peer ids for PSA `delegates`, cached.
@@ -115,6 +118,7 @@ impl Server {
             default_retry,
             max_batch_ops: args.api.max_batch_ops,
             dispatches: TaskTracker::new(),
+            origin_connects: Arc::new(tokio::sync::Semaphore::new(pins::MAX_ORIGIN_CONNECTS)),
             psa: Arc::new(pins::PsaConfig {
                 backends: args
                     .api

@@ -68,7 +68,7 @@ struct V1Doc;
 mod v1 {
     #[utoipa::path(post, path = "/v1/batches", tag = "batches",
         description = "Submit up to PINQ_MAX_BATCH_OPS operations {op, cid, replaces?, name?, meta?} with priority, backends and retry; optional Idempotency-Key header.",
-        responses((status = 202, description = "Accepted: {id, jobs}"), (status = 200, description = "Same Idempotency-Key and request: the first batch"), (status = 400, description = "Invalid; every problem listed"), (status = 422, description = "Idempotency-Key already used with a different request (code idempotency_key_reused); nothing stored"), (status = 413, description = "Too many operations, or a body larger than PINQ_MAX_BODY_BYTES")),
+        responses((status = 202, description = "Accepted: {id, jobs}"), (status = 200, description = "Same Idempotency-Key and body: the first batch"), (status = 400, description = "Invalid; every problem listed"), (status = 422, description = "Idempotency-Key already used with a different body (code idempotency_key_reused); nothing stored"), (status = 413, description = "Too many operations, or a body larger than PINQ_MAX_BODY_BYTES")),
         security(("bearerAuth" = [])))]
     fn submit_batch() {}
     #[utoipa::path(get, path = "/v1/batches", tag = "batches", description = "The caller's newest batches.",

@@ -534,13 +534,22 @@ async fn placement(state: &AppState) -> PsaResult<Vec<Backend>> {
         .collect())
 }
 
+/// Most pin requests whose origins are being connected to at once (each tries every
+/// origin on every backend, up to 5 s a try); a request beyond them skips the connects.
+pub(crate) const MAX_ORIGIN_CONNECTS: usize = 8;
+
 /// Best effort: asks the backends to connect to the pin's origins, in the background.
 fn connect_origins(state: &AppState, backends: Vec<Backend>, origins: Vec<String>) {
-    if origins.is_empty() || !crate::batches::background_room(state) {
+    if origins.is_empty() {
         return;
     }
+    let Ok(room) = state.origin_connects.clone().try_acquire_owned() else {
+        tracing::debug!("too many origin connects under way; skipping this request's");
+        return;
+    };
     let http = state.http.clone();
-    state.dispatches.spawn(async move {
+    tokio::spawn(async move {
+        let _room = room;
         for b in backends {
             let errors =
                 psa::connect_origins(&http, &b.url, &origins, Duration::from_secs(5)).await;

@@ -191,6 +191,10 @@ pub struct NewBatch {
     pub backends: Vec<String>,
     pub retry: RetryPolicy,
     pub idempotency_key: Option<String>,
+    /// With an idempotency key: a digest of the request as the client sent it, kept with
+    /// the batch, so that the key used again can be told a retry (the same request) from a
+    /// different request. Only stored when there is a key.
+    pub request_digest: Option<Vec<u8>>,
     pub jobs: Vec<NewJob>,
 }
 
@@ -229,46 +233,14 @@ pub enum Stored {
     /// The batch and its jobs were committed; their messages are still owed to the broker.
     Created { id: Uuid, owed: Owed },
     /// A batch with the same owner and idempotency key already exists; nothing was written.
-    /// `same_request`: it was stored from the same request (see [`request_digest`]); a
-    /// batch stored before requests were recorded counts as the same.
+    /// `same_request`: it was stored from the same request (the same
+    /// [`NewBatch::request_digest`]); a batch stored before requests were recorded counts
+    /// as the same.
     Existing {
         id: Uuid,
         job_count: i32,
         same_request: bool,
     },
-}
-
-/// A digest of what a batch asks for, kept with an idempotency key so that the key used
-/// again with a different request can be told from a retry: the priority, the backends,
-/// the retry policy and every job's operation (not the ids, which each attempt draws
-/// anew). Each field is written with its length, so no two requests share a digest by the
-/// way their fields run together.
-pub fn request_digest(batch: &NewBatch, retry_json: &Value) -> Vec<u8> {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    let mut put = |bytes: &[u8]| {
-        h.update((bytes.len() as u64).to_le_bytes());
-        h.update(bytes);
-    };
-    let opt = |v: Option<&str>| v.map_or_else(|| vec![0u8], |s| [&[1u8], s.as_bytes()].concat());
-    put(&[batch.priority.get()]);
-    put(&(batch.backends.len() as u64).to_le_bytes());
-    for b in &batch.backends {
-        put(b.as_bytes());
-    }
-    put(retry_json.to_string().as_bytes());
-    put(&(batch.jobs.len() as u64).to_le_bytes());
-    for j in &batch.jobs {
-        put(&j.seq.to_le_bytes());
-        put(j.backend_id.as_bytes());
-        put(j.op.as_str().as_bytes());
-        put(j.cid.as_bytes());
-        put(&opt(j.replaces_cid.as_deref()));
-        put(&opt(j.name.as_deref()));
-        put(j.meta.to_string().as_bytes());
-        put(&[u8::from(j.unpin_all)]);
-    }
-    h.finalize().to_vec()
 }
 
 /// The statement of [`insert_batch`]; `{digest_column}` and `{digest_value}` add the
@@ -350,7 +322,7 @@ pub async fn insert_batch(pool: &PgPool, batch: &NewBatch) -> Result<Stored, sql
     let digest = batch
         .idempotency_key
         .as_ref()
-        .map(|_| request_digest(batch, &retry_json));
+        .and(batch.request_digest.as_ref());
     // The jobs and the outbox row are written only if the batch row was (`FROM b`); the
     // backends' lock (see `lock_backends`) is taken before the statement commits, which is
     // all it needs.
@@ -406,7 +378,7 @@ pub async fn insert_batch(pool: &PgPool, batch: &NewBatch) -> Result<Stored, sql
         return Ok(Stored::Existing {
             id,
             job_count,
-            same_request: stored.is_none() || stored == digest,
+            same_request: stored.is_none() || stored.as_ref() == digest,
         });
     };
     Ok(Stored::Created {
@@ -508,10 +480,10 @@ pub struct ClaimedJob {
     pub claim_id: i64,
     /// See [`NewJob::unpin_all`].
     pub unpin_all: bool,
-    /// For an unpin or a replace: the pin index does not hold the pin this job removes
-    /// for this owner alone (another owner holds a reference, the pin was made outside
-    /// pinq, or the index has no row for it), so the node keeps it and only this owner's
-    /// reference, if any, goes. Read when the job was claimed; jobs on one CID and backend
+    /// For an unpin or a replace: someone but this owner may hold the pin this job
+    /// removes (another owner holds a reference, or the pin was made outside pinq: the
+    /// index holds it for nobody, or has no row for it and this owner never tried to pin
+    /// it), so the node keeps it and only this owner's reference, if any, goes. Read when the job was claimed; jobs on one CID and backend
     /// run one at a time, so no other job changes the pin's references while this one
     /// runs.
     pub others_hold: bool,
@@ -620,19 +592,32 @@ pub async fn claim_jobs(
                        j.backoff_factor, j.backoff_max_ms, j.started_at, j.claim_id,
                        j.unpin_all,
                        -- Whether anyone but this job's owner may hold the pin it
-                       -- removes: the node unpins it only if the pin index holds it for
-                       -- this owner alone. Otherwise another owner holds it, or nobody in
-                       -- pinq (a pin made outside it: `unmanaged`, or not indexed yet),
-                       -- or it was never pinned. A pin's jobs never look: CASE evaluates
-                       -- only the branch taken.
+                       -- removes, so that the node must keep it. With a row in the pin
+                       -- index: unless the row is this owner's alone (another owner holds
+                       -- it, or nobody in pinq: a pin made outside it, `unmanaged`).
+                       -- Without one: unless this owner's own earlier pin of it called the
+                       -- node and ended without a recorded success (cancelled or failed,
+                       -- after the node may have pinned it); otherwise the pin is none of
+                       -- this owner's doing (made outside pinq and not listed yet, or never
+                       -- made). A pin's jobs never look: CASE evaluates only the branch
+                       -- taken.
                        CASE WHEN j.op = 'pin' OR j.unpin_all THEN false
-                            ELSE NOT EXISTS (
-                                SELECT 1 FROM pins p
-                                WHERE p.backend_id = j.backend_id
-                                  AND p.cid = CASE WHEN j.op = 'unpin' THEN j.cid_key
-                                                   ELSE j.replaces_key END
-                                  AND p.owner = j.owner
-                                  AND coalesce(array_remove(p.others, j.owner) = '{}', true))
+                            ELSE (
+                                SELECT CASE
+                                    WHEN p.cid IS NOT NULL THEN NOT coalesce(
+                                        p.owner = j.owner
+                                        AND coalesce(array_remove(p.others, j.owner) = '{}', true),
+                                        false)
+                                    ELSE NOT EXISTS (
+                                        SELECT 1 FROM jobs o
+                                        WHERE o.cid_key = k.key AND o.backend_id = j.backend_id
+                                          AND o.owner = j.owner AND o.op IN ('pin', 'replace')
+                                          AND o.state IN ('cancelled', 'failed')
+                                          AND o.attempt > 0 AND o.submit_seq < j.submit_seq)
+                                END
+                                FROM (SELECT CASE WHEN j.op = 'unpin' THEN j.cid_key
+                                                  ELSE j.replaces_key END AS key) k
+                                LEFT JOIN pins p ON p.backend_id = j.backend_id AND p.cid = k.key)
                        END AS others_hold
          )
          SELECT * FROM c",
@@ -1305,14 +1290,15 @@ async fn lock_expired_claims(
 /// the dispatch outbox, in the caller's transaction. An expired lease's attempt is
 /// recorded as lost. A job whose cancellation was requested while it ran (its worker died
 /// before it could stop it) ends `cancelled` instead, and is owed no message: a queued
-/// job never has a cancel request pending. The caller commits before anything is
-/// published: a claim never waits on a row whose committed state does not match, so a
-/// message that reached a worker before the commit would be dropped.
+/// job never has a cancel request pending. Returns how many jobs ended `cancelled`. The
+/// caller commits before anything is published: a claim never waits on a row whose
+/// committed state does not match, so a message that reached a worker before the commit
+/// would be dropped.
 pub async fn relay_requeue(
     conn: &mut PgConnection,
     scan: RelayScan,
     ids: &[Uuid],
-) -> Result<(), sqlx::Error> {
+) -> Result<usize, sqlx::Error> {
     if scan == RelayScan::ExpiredLeases {
         sqlx::query(
             "INSERT INTO job_attempts (job_id, attempt, worker_id, started_at, finished_at, outcome, error)
@@ -1347,13 +1333,13 @@ pub async fn relay_requeue(
     .fetch_all(&mut *conn)
     .await?;
     let queued: Vec<Uuid> = rows
-        .into_iter()
-        .filter_map(|(id, state)| (state == "queued").then_some(id))
+        .iter()
+        .filter_map(|(id, state)| (state == "queued").then_some(*id))
         .collect();
     if !queued.is_empty() {
         owe_dispatch(conn, &queued, false).await?;
     }
-    Ok(())
+    Ok(rows.len() - queued.len())
 }
 
 /// The safety net for messages lost in the broker (a purged queue): outbox entries

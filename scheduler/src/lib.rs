@@ -203,16 +203,24 @@ impl Relay {
             return Ok(take.taken);
         }
         let ids: Vec<Uuid> = take.jobs.iter().map(|j| j.id).collect();
-        db::relay_requeue(&mut tx, scan, &ids).await?;
+        let cancelled = db::relay_requeue(&mut tx, scan, &ids).await?;
         tx.commit().await?;
         self.page_done(scan, &take);
+        let jobs = ids.len() - cancelled;
+        if cancelled > 0 {
+            tracing::info!(
+                jobs = cancelled,
+                "ended jobs cancelled: their cancel was requested before their worker was lost"
+            );
+        }
         match scan {
+            _ if jobs == 0 => {}
             RelayScan::ExpiredLeases => {
-                tracing::warn!(jobs = ids.len(), "requeued jobs whose lease expired")
+                tracing::warn!(jobs, "requeued jobs whose lease expired")
             }
-            RelayScan::DueRetries => tracing::info!(jobs = ids.len(), "requeued due retries"),
+            RelayScan::DueRetries => tracing::info!(jobs, "requeued due retries"),
             RelayScan::Unblocked { .. } => tracing::info!(
-                jobs = ids.len(),
+                jobs,
                 "requeued jobs whose earlier job on the same CID has ended"
             ),
         }

@@ -570,6 +570,7 @@ pub async fn store_batch(
         backends: vec!["b".into()],
         retry: pinq_core::retry::RetryPolicy::default(),
         idempotency_key: None,
+        request_digest: None,
         jobs,
     };
     match db::insert_batch(pool, &batch).await? {

@@ -546,8 +546,9 @@ async fn oversized_bodies_are_413_on_every_route() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// An `Idempotency-Key` sent again with the same request answers the first batch (200,
-/// nothing stored twice); with a different request it is a JSON 422 and nothing is stored.
+/// An `Idempotency-Key` sent again with the same request (the same body) answers the first
+/// batch (200, nothing stored twice); with a different request it is a JSON 422 and nothing
+/// is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idempotency_key_answers_only_its_own_request() -> anyhow::Result<()> {
     let mut stack = Stack::new().await?;
@@ -568,6 +569,11 @@ async fn an_idempotency_key_answers_only_its_own_request() -> anyhow::Result<()>
     let request = json!({"ops": [{"op": "pin", "cid": V0, "name": "a"}]});
     let (status, first) = submit(request.clone()).await;
     assert_eq!(status, 202, "{first}");
+    let (status, again) = submit(request.clone()).await;
+    assert_eq!((status, &again["id"]), (200, &first["id"]), "{again}");
+    // A retry is the same request even if the server changed meanwhile: a new backend
+    // would be a target of the request now, but the first batch is still its answer.
+    stack.register_backend("c", "http://127.0.0.1:9").await?;
     let (status, again) = submit(request).await;
     assert_eq!((status, &again["id"]), (200, &first["id"]), "{again}");
 
