@@ -163,9 +163,12 @@ pub(crate) fn parse_pin(v: &Value, owner: &str) -> PsaResult<NewPin> {
             "request body must be a Pin object like {\"cid\":\"bafy…\"}",
         ));
     };
-    let cid = match obj.get("cid") {
-        Some(Value::String(s)) => PinCid::parse(s)
-            .map_err(|e| PsaError::bad_request(format!("cid '{}': {e}", clip(s))))?,
+    let (sent, cid) = match obj.get("cid") {
+        Some(Value::String(s)) => (
+            s,
+            PinCid::parse(s)
+                .map_err(|e| PsaError::bad_request(format!("cid '{}': {e}", clip(s))))?,
+        ),
         None | Some(Value::Null) => return Err(PsaError::bad_request("cid is required")),
         Some(_) => return Err(PsaError::bad_request("cid must be a string holding a CID")),
     };
@@ -227,7 +230,9 @@ pub(crate) fn parse_pin(v: &Value, owner: &str) -> PsaResult<NewPin> {
     };
     Ok(NewPin {
         owner: owner.to_owned(),
-        cid: cid.to_string(),
+        // As the client sent it: `pin.cid` gives it back unchanged (the CID parsed, so
+        // the string is a CID in one of its spellings).
+        cid: sent.clone(),
         cid_canonical: cid.canonical(),
         name,
         origins,
@@ -774,5 +779,22 @@ mod tests {
         assert!(query("name", "\u{0}").contains("name filter must not contain the NUL"));
         assert!(query("meta", r#"{"app":"\u0000"}"#).contains("meta filter must not"));
         assert!(query("meta", r#"{"\u0000":"x"}"#).contains("meta filter must not"));
+    }
+
+    /// `pin.cid` is given back as the client spelled it; the canonical form keys it.
+    #[test]
+    fn the_cid_is_kept_as_sent() {
+        let base58 = "zb2rhYh8njxEvhKEdLxHparz3SPqHP9ssDYKuN2Fxtrcv6MMo";
+        let pin = parse_pin(&json!({ "cid": base58 }), "t").expect("a valid pin");
+        assert_eq!(pin.cid, base58);
+        assert_eq!(
+            pin.cid_canonical,
+            PinCid::parse(base58).expect("CID").canonical()
+        );
+        assert!(
+            pin.cid_canonical.starts_with("bafk"),
+            "{}",
+            pin.cid_canonical
+        );
     }
 }
