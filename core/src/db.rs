@@ -7,6 +7,7 @@
 //! with `attempt`, `started_at` and `finished_at`); one that ends any other way gets its
 //! `job_attempts` record in the same statement or transaction as the job's new state.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -433,19 +434,23 @@ pub async fn settle_dispatch(pool: &PgPool, entry: i64) -> Result<(), sqlx::Erro
 }
 
 /// Of the given (backend, canonical CID) pairs, those the pin index holds without a
-/// reference of `owner`: other tenants' pins, and pins made outside pinq (`unmanaged`).
+/// reference of `owner`: other tenants' pins, and pins made outside pinq (`unmanaged`),
+/// unless the owner's own pin of it ran and ended without a recorded success
+/// ([`unrecorded_pin`]).
 pub async fn pins_not_owned_by(
     pool: &PgPool,
     owner: &str,
     pairs: &[(Uuid, String)],
 ) -> Result<std::collections::HashSet<(Uuid, String)>, sqlx::Error> {
     let (backends, cids): (Vec<Uuid>, Vec<String>) = pairs.iter().cloned().unzip();
-    let rows: Vec<(Uuid, String)> = sqlx::query_as(
+    let rows: Vec<(Uuid, String)> = sqlx::query_as(AssertSqlSafe(format!(
         "SELECT p.backend_id, p.cid FROM pins p
          JOIN UNNEST($1::uuid[], $2::text[]) AS t(backend_id, cid)
            ON p.backend_id = t.backend_id AND p.cid = t.cid
-         WHERE p.owner IS DISTINCT FROM $3 AND NOT coalesce($3 = ANY (p.others), false)",
-    )
+         WHERE p.owner IS DISTINCT FROM $3 AND NOT coalesce($3 = ANY (p.others), false)
+           AND NOT (p.owner IS NULL AND {})",
+        unrecorded_pin("$3", "p.backend_id", "p.cid", "9223372036854775807")
+    )))
     .bind(&backends)
     .bind(&cids)
     .bind(owner)
@@ -481,9 +486,10 @@ pub struct ClaimedJob {
     /// See [`NewJob::unpin_all`].
     pub unpin_all: bool,
     /// For an unpin or a replace: someone but this owner may hold the pin this job
-    /// removes (another owner holds a reference, or the pin was made outside pinq: the
-    /// index holds it for nobody, or has no row for it and this owner never tried to pin
-    /// it), so the node keeps it and only this owner's reference, if any, goes. Read when the job was claimed; jobs on one CID and backend
+    /// removes, so the node keeps it and only this owner's reference, if any, goes.
+    /// Another owner holds a reference; or the index holds the pin for nobody in pinq, or
+    /// has no row for it, and no earlier pin of this owner's ran and ended without a
+    /// recorded success ([`unrecorded_pin`]): the pin was made outside pinq, or never. Read when the job was claimed; jobs on one CID and backend
     /// run one at a time, so no other job changes the pin's references while this one
     /// runs.
     pub others_hold: bool,
@@ -525,32 +531,15 @@ impl ClaimedJob {
     }
 }
 
-/// Atomically moves queued jobs to running under one new lease of this worker (a
-/// `job_claims` row naming them) and bumps their attempt, in one statement. Jobs that are
-/// not claimable (already running, finished, cancelled or unknown) are left out: their
-/// delivery was a duplicate. The claim waits for
-/// row locks rather than skipping locked rows: a row locked by a writer that may leave it
-/// `queued` (the relay republishing a job that waited long, a cancel or a re-drive under
-/// way) must not cost a good delivery. Rows are locked in id order, as the other hot-path
-/// writers of jobs do, so claims of overlapping messages queue behind each other instead
-/// of deadlocking. The attempt's record is written when it ends (see [`finish_job`]),
-/// unless it succeeds; until then the job's row is the record of the running attempt,
-/// and after a success it stays the record of that attempt. No column an index of
-/// `jobs` names changes, so the rows are updated in place (see the `hot_jobs` migration).
-///
-/// Jobs on one key (backend, and the canonical form of either CID a job touches) run one
-/// at a time in submission order: a job with an earlier job on its key that has not ended,
-/// or with any job on its key running now, is not claimed but parked (`retry_wait`, no
-/// `retry_at`, `blocked_by` naming the job it waits for) until the relay finds that job
-/// ended (see the `cid_order` migration). It is left out of the answer like a duplicate.
-pub async fn claim_jobs(
-    pool: &PgPool,
-    job_ids: &[Uuid],
-    worker_id: Uuid,
-    lease: Duration,
-) -> Result<Vec<ClaimedJob>, sqlx::Error> {
-    sqlx::query_as(
-        "WITH target AS (
+/// The statement of [`claim_jobs`].
+static CLAIM: LazyLock<String> = LazyLock::new(|| {
+    CLAIM_TEMPLATE.replace(
+        "__UNRECORDED_PIN__",
+        &unrecorded_pin("j.owner", "j.backend_id", "k.key", "j.submit_seq"),
+    )
+});
+
+const CLAIM_TEMPLATE: &str = "WITH target AS (
              SELECT id, backend_id, cid_key, replaces_key, submit_seq FROM jobs
              WHERE id = ANY($1) AND state = 'queued'
              ORDER BY id FOR UPDATE
@@ -593,40 +582,84 @@ pub async fn claim_jobs(
                        j.unpin_all,
                        -- Whether anyone but this job's owner may hold the pin it
                        -- removes, so that the node must keep it. With a row in the pin
-                       -- index: unless the row is this owner's alone (another owner holds
-                       -- it, or nobody in pinq: a pin made outside it, `unmanaged`).
-                       -- Without one: unless this owner's own earlier pin of it called the
-                       -- node and ended without a recorded success (cancelled or failed,
-                       -- after the node may have pinned it); otherwise the pin is none of
-                       -- this owner's doing (made outside pinq and not listed yet, or never
-                       -- made). A pin's jobs never look: CASE evaluates only the branch
-                       -- taken.
+                       -- index that names an owner: unless the row is this owner's alone.
+                       -- Without a row, or with one held by nobody in pinq (`unmanaged`):
+                       -- unless this owner's own earlier pin of it ran and ended without a
+                       -- recorded success (`unrecorded_pin`); otherwise the pin is
+                       -- none of this owner's doing (made outside pinq, or never made). A
+                       -- pin's jobs never look: CASE evaluates only the branch taken.
                        CASE WHEN j.op = 'pin' OR j.unpin_all THEN false
                             ELSE (
                                 SELECT CASE
-                                    WHEN p.cid IS NOT NULL THEN NOT coalesce(
+                                    WHEN p.owner IS NOT NULL THEN NOT (
                                         p.owner = j.owner
-                                        AND coalesce(array_remove(p.others, j.owner) = '{}', true),
-                                        false)
-                                    ELSE NOT EXISTS (
-                                        SELECT 1 FROM jobs o
-                                        WHERE o.cid_key = k.key AND o.backend_id = j.backend_id
-                                          AND o.owner = j.owner AND o.op IN ('pin', 'replace')
-                                          AND o.state IN ('cancelled', 'failed')
-                                          AND o.attempt > 0 AND o.submit_seq < j.submit_seq)
+                                        AND coalesce(array_remove(p.others, j.owner) = '{}', true))
+                                    ELSE NOT __UNRECORDED_PIN__
                                 END
                                 FROM (SELECT CASE WHEN j.op = 'unpin' THEN j.cid_key
                                                   ELSE j.replaces_key END AS key) k
                                 LEFT JOIN pins p ON p.backend_id = j.backend_id AND p.cid = k.key)
                        END AS others_hold
          )
-         SELECT * FROM c",
+         SELECT * FROM c";
+
+/// SQL: whether `owner`'s own earlier pin of `key` on `backend` (a job submitted before
+/// `before`) ran and ended without a recorded success: cancelled while it ran, or failed,
+/// after the node may have pinned the content all the same. No pin-index row names the
+/// owner then, yet the pin may be the owner's doing, so the owner's unpin asks the node
+/// ([`claim_jobs`]) and a user token may submit it ([`pins_not_owned_by`]) where the
+/// index has no row for the pin, or one held by nobody in pinq (`unmanaged`, as the index
+/// update records what it finds on the node). A later unpin of the owner's that
+/// succeeded (or a replace that removed the pin) settled it: from then on such a pin is
+/// not the owner's. (Written into both statements rather than kept as a function of the
+/// schema, so that the statements run on the schemas the migration tests start from.)
+fn unrecorded_pin(owner: &str, backend: &str, key: &str, before: &str) -> String {
+    format!(
+        "EXISTS (
+             SELECT 1 FROM jobs o
+             WHERE o.cid_key = {key} AND o.backend_id = {backend} AND o.owner = {owner}
+               AND o.op IN ('pin', 'replace') AND o.state IN ('cancelled', 'failed')
+               AND o.attempt > 0 AND o.submit_seq < {before}
+               AND NOT EXISTS (
+                   SELECT 1 FROM jobs u
+                   WHERE u.backend_id = {backend} AND u.owner = {owner}
+                     AND u.state = 'succeeded'
+                     AND u.submit_seq > o.submit_seq AND u.submit_seq < {before}
+                     AND ((u.op = 'unpin' AND u.cid_key = {key})
+                          OR (u.op = 'replace' AND u.replaces_key = {key}))))"
     )
-    .bind(job_ids)
-    .bind(worker_id)
-    .bind(lease.as_secs_f64())
-    .fetch_all(pool)
-    .await
+}
+
+/// Atomically moves queued jobs to running under one new lease of this worker (a
+/// `job_claims` row naming them) and bumps their attempt, in one statement. Jobs that are
+/// not claimable (already running, finished, cancelled or unknown) are left out: their
+/// delivery was a duplicate. The claim waits for
+/// row locks rather than skipping locked rows: a row locked by a writer that may leave it
+/// `queued` (the relay republishing a job that waited long, a cancel or a re-drive under
+/// way) must not cost a good delivery. Rows are locked in id order, as the other hot-path
+/// writers of jobs do, so claims of overlapping messages queue behind each other instead
+/// of deadlocking. The attempt's record is written when it ends (see [`finish_job`]),
+/// unless it succeeds; until then the job's row is the record of the running attempt,
+/// and after a success it stays the record of that attempt. No column an index of
+/// `jobs` names changes, so the rows are updated in place (see the `hot_jobs` migration).
+///
+/// Jobs on one key (backend, and the canonical form of either CID a job touches) run one
+/// at a time in submission order: a job with an earlier job on its key that has not ended,
+/// or with any job on its key running now, is not claimed but parked (`retry_wait`, no
+/// `retry_at`, `blocked_by` naming the job it waits for) until the relay finds that job
+/// ended (see the `cid_order` migration). It is left out of the answer like a duplicate.
+pub async fn claim_jobs(
+    pool: &PgPool,
+    job_ids: &[Uuid],
+    worker_id: Uuid,
+    lease: Duration,
+) -> Result<Vec<ClaimedJob>, sqlx::Error> {
+    sqlx::query_as(AssertSqlSafe(CLAIM.as_str()))
+        .bind(job_ids)
+        .bind(worker_id)
+        .bind(lease.as_secs_f64())
+        .fetch_all(pool)
+        .await
 }
 
 /// What a lease extension found.

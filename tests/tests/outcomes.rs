@@ -470,6 +470,37 @@ async fn each_owner_holds_its_own_reference_to_a_pin() -> anyhow::Result<()> {
     let alices = run_as(&db, "alice", worker, vec![job(b, 0, Op::Unpin, &g)]).await?;
     assert!(!alices[0].others_hold && alices[0].unpins_on_node());
     assert_eq!(refs(&db, b, &g).await?, None);
+    // That unpin settled it: a pin of it made later outside pinq is not hers.
+    let again = run_as(&db, "alice", worker, vec![job(b, 0, Op::Unpin, &g)]).await?;
+    assert!(again[0].others_hold && !again[0].calls_node());
+
+    // The same once the index update has listed such a pin, held by nobody in pinq: her
+    // unpin may be submitted with a user token and asks the node, and the row goes.
+    let h = random_cid();
+    let (_, pin) = store(&db, "alice", vec![job(b, 0, Op::Pin, &h)]).await?;
+    let ran = claim(&db, &pin, worker).await?;
+    let failed = Outcome::Failed {
+        error: "timed out".into(),
+    };
+    assert!(db::finish_job(&db.pool, &ran[0], worker, &failed).await?);
+    sqlx::query("INSERT INTO pins (backend_id, cid, status) VALUES ($1, $2, 'unmanaged')")
+        .bind(b)
+        .bind(canonical_of(&h).expect("valid CID"))
+        .execute(&db.pool)
+        .await?;
+    let pair = vec![(b, canonical_of(&h).expect("valid CID"))];
+    assert!(
+        db::pins_not_owned_by(&db.pool, "alice", &pair)
+            .await?
+            .is_empty()
+    );
+    assert_eq!(
+        db::pins_not_owned_by(&db.pool, "bob", &pair).await?.len(),
+        1
+    );
+    let alices = run_as(&db, "alice", worker, vec![job(b, 0, Op::Unpin, &h)]).await?;
+    assert!(!alices[0].others_hold && alices[0].unpins_on_node());
+    assert_eq!(refs(&db, b, &h).await?, None);
 
     // A replace of such a pin pins the new CID and leaves the old one alone.
     let f = random_cid();
