@@ -489,9 +489,9 @@ pub struct ClaimedJob {
     /// removes, so the node keeps it and only this owner's reference, if any, goes.
     /// Another owner holds a reference; or the index holds the pin for nobody in pinq, or
     /// has no row for it, and no earlier pin of this owner's ran and ended without a
-    /// recorded success ([`unrecorded_pin`]): the pin was made outside pinq, or never. Read when the job was claimed; jobs on one CID and backend
-    /// run one at a time, so no other job changes the pin's references while this one
-    /// runs.
+    /// recorded success ([`unrecorded_pin`]): the pin was made outside pinq, or never.
+    /// Read when the job was claimed; jobs on one CID and backend run one at a time, so no
+    /// other job changes the pin's references while this one runs.
     pub others_hold: bool,
 }
 
