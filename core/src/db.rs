@@ -244,8 +244,19 @@ pub enum Stored {
     },
 }
 
-/// The statement of [`insert_batch`]; `{digest_column}` and `{digest_value}` add the
-/// request's digest ($24) when the batch has an idempotency key.
+/// The statements of [`insert_batch`], with the request's digest ($24) for a batch with an
+/// idempotency key, and without it.
+static INSERT_BATCH_WITH_DIGEST: LazyLock<String> = LazyLock::new(|| {
+    INSERT_BATCH
+        .replace("{digest_column}", ", request_digest")
+        .replace("{digest_value}", ", $24")
+});
+static INSERT_BATCH_WITHOUT_DIGEST: LazyLock<String> = LazyLock::new(|| {
+    INSERT_BATCH
+        .replace("{digest_column}", "")
+        .replace("{digest_value}", "")
+});
+
 const INSERT_BATCH: &str = "WITH b AS (
          INSERT INTO batches (id, owner, priority, backends, retry, idempotency_key, job_count
                               {digest_column})
@@ -331,15 +342,12 @@ pub async fn insert_batch(pool: &PgPool, batch: &NewBatch) -> Result<Stored, sql
     // The digest's column is named only when there is a key: the statement for a batch
     // without one is the one from before the column, which the migration tests use to
     // store their data on the schemas before it.
-    let (digest_column, digest_value) = if digest.is_some() {
-        (", request_digest", ", $24")
+    let sql = if digest.is_some() {
+        &INSERT_BATCH_WITH_DIGEST
     } else {
-        ("", "")
+        &INSERT_BATCH_WITHOUT_DIGEST
     };
-    let sql = INSERT_BATCH
-        .replace("{digest_column}", digest_column)
-        .replace("{digest_value}", digest_value);
-    let mut insert = sqlx::query_as(AssertSqlSafe(sql))
+    let mut insert = sqlx::query_as(AssertSqlSafe(sql.as_str()))
         .bind(batch.id)
         .bind(&batch.owner)
         .bind(i16::from(batch.priority.get()))
@@ -443,19 +451,22 @@ pub async fn pins_not_owned_by(
     pairs: &[(Uuid, String)],
 ) -> Result<std::collections::HashSet<(Uuid, String)>, sqlx::Error> {
     let (backends, cids): (Vec<Uuid>, Vec<String>) = pairs.iter().cloned().unzip();
-    let rows: Vec<(Uuid, String)> = sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT p.backend_id, p.cid FROM pins p
-         JOIN UNNEST($1::uuid[], $2::text[]) AS t(backend_id, cid)
-           ON p.backend_id = t.backend_id AND p.cid = t.cid
-         WHERE p.owner IS DISTINCT FROM $3 AND NOT coalesce($3 = ANY (p.others), false)
-           AND NOT (p.owner IS NULL AND {})",
-        unrecorded_pin("$3", "p.backend_id", "p.cid", "9223372036854775807")
-    )))
-    .bind(&backends)
-    .bind(&cids)
-    .bind(owner)
-    .fetch_all(pool)
-    .await?;
+    static NOT_OWNED: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "SELECT p.backend_id, p.cid FROM pins p
+             JOIN UNNEST($1::uuid[], $2::text[]) AS t(backend_id, cid)
+               ON p.backend_id = t.backend_id AND p.cid = t.cid
+             WHERE p.owner IS DISTINCT FROM $3 AND NOT coalesce($3 = ANY (p.others), false)
+               AND NOT (p.owner IS NULL AND {})",
+            unrecorded_pin("$3", "p.backend_id", "p.cid", "9223372036854775807")
+        )
+    });
+    let rows: Vec<(Uuid, String)> = sqlx::query_as(AssertSqlSafe(NOT_OWNED.as_str()))
+        .bind(&backends)
+        .bind(&cids)
+        .bind(owner)
+        .fetch_all(pool)
+        .await?;
     Ok(rows.into_iter().collect())
 }
 
