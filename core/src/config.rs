@@ -138,6 +138,11 @@ pub struct WorkerArgs {
     /// Timeout for one pin or unpin call to a backend.
     #[arg(long, env = "PINQ_PIN_TIMEOUT_SECS", default_value_t = 300)]
     pub pin_timeout_secs: u64,
+    /// Most pins that start together on one backend and share one `pin/add` call of
+    /// content the node holds (1: every pin has a call of its own). A shared call that
+    /// fails is followed by a call of its own for each pin, whose result is the job's.
+    #[arg(long, env = "PINQ_PIN_GROUP", default_value_t = 8, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
+    pub pin_group: usize,
     /// On SIGTERM, how long in-flight jobs may finish before they are handed back.
     #[arg(long, env = "PINQ_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,

@@ -207,6 +207,32 @@ impl KuboClient {
         }
     }
 
+    /// Pins every CID of `cids` recursively in one call, from what the node already holds
+    /// (`offline`: a CID whose blocks are not all on the node fails the call at once
+    /// instead of being fetched). `Ok` only if the node answered that it pinned each of
+    /// them; on any error some may be pinned and others not, so the caller pins them one
+    /// by one (which is idempotent). js-ipfs ignores `offline`; Kubo honours it per call.
+    pub async fn pin_add_local_many(
+        &self,
+        cids: &[&str],
+        timeout: Duration,
+    ) -> Result<(), BackendError> {
+        let t = go_duration(timeout);
+        let mut query: Vec<(&str, &str)> = cids.iter().map(|c| ("arg", *c)).collect();
+        query.extend([("recursive", "true"), ("offline", "true"), ("timeout", &t)]);
+        let v = self
+            .call_json("pin/add", &query, timeout + TIMEOUT_SLACK)
+            .await?;
+        match v.get("Pins") {
+            Some(Value::Array(pins)) if pins.len() == cids.len() => Ok(()),
+            _ => Err(BackendError::Protocol(format!(
+                "pin/add of {} CIDs answered without as many Pins: {}",
+                cids.len(),
+                truncate(&v.to_string(), 200)
+            ))),
+        }
+    }
+
     /// Removes the recursive pin on `cid`. Unpinning what is not pinned succeeds.
     pub async fn pin_rm(&self, cid: &str, timeout: Duration) -> Result<(), BackendError> {
         let t = go_duration(timeout);

@@ -94,6 +94,8 @@ impl Default for DoubleConfig {
 #[derive(Debug, Default)]
 pub struct Counters {
     pub pin_add: AtomicU64,
+    /// The CIDs those `pin/add` calls named (a call may name several, as in Kubo).
+    pub pin_add_cids: AtomicU64,
     pub pin_rm: AtomicU64,
     pub pin_ls: AtomicU64,
     pub id: AtomicU64,
@@ -113,6 +115,7 @@ impl Counters {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         json!({
             "pin_add": g(&self.pin_add),
+            "pin_add_cids": g(&self.pin_add_cids),
             "pin_rm": g(&self.pin_rm),
             "pin_ls": g(&self.pin_ls),
             "id": g(&self.id),
@@ -280,19 +283,29 @@ async fn work(inner: &Inner) -> Option<Response> {
     None
 }
 
-async fn pin_add(State(inner): Shared, Query(q): Params) -> Response {
+/// Pins every `arg` of the call, as Kubo does (all or, on an error, an unknown part).
+async fn pin_add(State(inner): Shared, Query(q): Query<Vec<(String, String)>>) -> Response {
     inner.counters.pin_add.fetch_add(1, Ordering::Relaxed);
     let _in_flight = InFlight::enter(&inner.counters);
-    let Some(cid) = q.get("arg").cloned() else {
+    let cids: Vec<String> = q
+        .into_iter()
+        .filter(|(k, _)| k == "arg")
+        .map(|(_, v)| v)
+        .collect();
+    if cids.is_empty() {
         return missing_arg();
-    };
+    }
+    inner
+        .counters
+        .pin_add_cids
+        .fetch_add(cids.len() as u64, Ordering::Relaxed);
     if let Some(err) = work(&inner).await {
         return err;
     }
     if let Ok(mut pins) = inner.pins.lock() {
-        pins.insert(cid.clone());
+        pins.extend(cids.iter().cloned());
     }
-    axum::Json(json!({"Pins": [cid]})).into_response()
+    axum::Json(json!({ "Pins": cids })).into_response()
 }
 
 async fn pin_rm(State(inner): Shared, Query(q): Params) -> Response {
@@ -422,6 +435,15 @@ mod tests {
             listed.push(c?);
         }
         assert_eq!(listed, vec![cid.clone()]);
+        // Several CIDs in one call, as Kubo takes them.
+        let more = [synthetic_cid(7, 2), synthetic_cid(7, 3)];
+        let refs: Vec<&str> = more.iter().map(String::as_str).collect();
+        client.pin_add_local_many(&refs, t).await?;
+        assert!(more.iter().all(|c| double.is_pinned(c)));
+        assert_eq!(double.counters().pin_add_cids.load(Ordering::Relaxed), 3);
+        for c in &more {
+            client.pin_rm(c, t).await?;
+        }
         client.pin_rm(&cid, t).await?;
         // Unpinning what is not pinned: Kubo's 500 "not pinned", which the client accepts.
         client.pin_rm(&cid, t).await?;

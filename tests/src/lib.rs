@@ -720,6 +720,110 @@ impl Drop for FaultProxy {
     }
 }
 
+/// An HTTP proxy in front of a real node that records the path and query of every
+/// request it forwards (a test instrument: the node behind it does all the work). Tests
+/// register a backend at its URL to see which RPC calls pinq makes.
+pub struct CallLog {
+    pub url: String,
+    calls: Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CallLog {
+    pub async fn start(target: &str) -> anyhow::Result<CallLog> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let state = (
+            target.trim_end_matches('/').to_owned(),
+            reqwest::Client::new(),
+            calls.clone(),
+        );
+        let app = axum::Router::new()
+            .fallback(forward_recorded)
+            .with_state(Arc::new(state));
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(CallLog { url, calls, task })
+    }
+
+    /// Every request forwarded so far, as `path?query`.
+    pub fn calls(&self) -> Vec<String> {
+        self.calls.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// The CIDs of each `pin/add` call so far, one list per call.
+    pub fn pin_adds(&self) -> Vec<Vec<String>> {
+        self.calls()
+            .iter()
+            .filter_map(|c| c.strip_prefix("/api/v0/pin/add?"))
+            .map(|q| {
+                url_form_pairs(q)
+                    .into_iter()
+                    .filter(|(k, _)| k == "arg")
+                    .map(|(_, v)| v)
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+impl Drop for CallLog {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type CallLogState = Arc<(String, reqwest::Client, Arc<std::sync::Mutex<Vec<String>>>)>;
+
+async fn forward_recorded(
+    axum::extract::State(state): axum::extract::State<CallLogState>,
+    request: axum::extract::Request,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let (target, http, calls) = &*state;
+    let path = request
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    if let Ok(mut c) = calls.lock() {
+        c.push(path.clone());
+    }
+    let method = request.method().clone();
+    let body = match axum::body::to_bytes(request.into_body(), usize::MAX).await {
+        Ok(b) => b,
+        Err(e) => return (axum::http::StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    };
+    let answer = http
+        .request(method, format!("{target}{path}"))
+        .body(body)
+        .send()
+        .await;
+    match answer {
+        Ok(resp) => {
+            let status = resp.status();
+            let kind = resp.headers().get(reqwest::header::CONTENT_TYPE).cloned();
+            let bytes = resp.bytes().await.unwrap_or_default();
+            let mut out = (status, bytes).into_response();
+            if let Some(kind) = kind {
+                out.headers_mut()
+                    .insert(reqwest::header::CONTENT_TYPE, kind);
+            }
+            out
+        }
+        Err(e) => (axum::http::StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+    }
+}
+
+/// The pairs of a URL query, decoded.
+fn url_form_pairs(query: &str) -> Vec<(String, String)> {
+    reqwest::Url::parse(&format!("http://x/?{query}"))
+        .map(|u| u.query_pairs().into_owned().collect())
+        .unwrap_or_default()
+}
+
 // ---------------------------------------------------------------------------------------
 // The stack
 

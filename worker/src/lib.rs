@@ -32,6 +32,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+mod pin_groups;
+use pin_groups::PinGroups;
+
 /// Command-line and environment settings of `pinq-worker`.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
@@ -101,10 +104,10 @@ struct Ctx {
     stopping: CancellationToken,
 }
 
-/// A backend as last read, with a client for its URL.
+/// A backend as last read, with a client for its URL whose pins are sent in groups.
 struct CachedBackend {
     backend: Backend,
-    client: KuboClient,
+    pins: Arc<PinGroups>,
 }
 
 /// A successful job for the completer to record; `written` says whether the lease was
@@ -698,14 +701,27 @@ async fn backend(ctx: &Ctx, id: Uuid) -> Result<Arc<CachedBackend>, BackendError
             message: format!("backend {id} no longer exists"),
         });
     };
-    let b = Arc::new(CachedBackend {
-        client: KuboClient::new(ctx.http.clone(), &b.url),
-        backend: b,
-    });
-    ctx.backends
-        .write()
-        .await
-        .insert(id, (tokio::time::Instant::now(), b.clone()));
+    let mut cache = ctx.backends.write().await;
+    let kept = cache.get(&id);
+    // The jobs of a claim miss together: the first to get here stores the entry, and the
+    // others take it, so that their pins meet in one gatherer.
+    if let Some((at, kept)) = kept
+        && at.elapsed() < BACKEND_CACHE_TTL
+    {
+        return Ok(kept.clone());
+    }
+    // A backend read again at the same URL keeps its gatherer.
+    let pins = match kept {
+        Some((_, kept)) if kept.backend.url == b.url => kept.pins.clone(),
+        _ => Arc::new(PinGroups::start(
+            KuboClient::new(ctx.http.clone(), &b.url),
+            ctx.args.pin_group,
+            ctx.args.concurrency,
+            Duration::from_secs(ctx.args.pin_timeout_secs.max(1)),
+        )),
+    };
+    let b = Arc::new(CachedBackend { pins, backend: b });
+    cache.insert(id, (tokio::time::Instant::now(), b.clone()));
     Ok(b)
 }
 
@@ -728,17 +744,16 @@ async fn execute(
             message: format!("backend '{}' is disabled", cached.backend.name),
         });
     }
-    let client = &cached.client;
     let timeout = Duration::from_secs(ctx.args.pin_timeout_secs.max(1));
     let op: Op = job.op.parse().map_err(|_| BackendError::Rejected {
         status: 400,
         message: format!("unknown op '{}'", job.op),
     })?;
     if op != Op::Unpin {
-        client.pin_add(&job.cid, timeout).await?;
+        cached.pins.pin_add(&job.cid).await?;
     }
     match job.removes() {
-        Some(old) if job.unpins_on_node() => client.pin_rm(old, timeout).await,
+        Some(old) if job.unpins_on_node() => cached.pins.client().pin_rm(old, timeout).await,
         Some(old) => {
             tracing::debug!(job_id = %job.id, cid = %old, "others still hold the replaced pin; only this owner's reference is removed");
             Ok(())

@@ -118,6 +118,10 @@ struct Opts {
     /// PINQ_DB_MAX_CONNECTIONS of every process.
     #[arg(long, default_value_t = 16)]
     db_connections: u32,
+    /// PINQ_PIN_GROUP of the workers (most pins in one shared pin/add call; 1: one call
+    /// per pin). Unset: the worker's default.
+    #[arg(long)]
+    pin_group: Option<usize>,
     /// RUST_LOG of the processes (`info` writes a log line per job).
     #[arg(long, default_value = "warn")]
     log: String,
@@ -195,6 +199,7 @@ impl BenchStack {
             ("PINQ_PIN_TIMEOUT_SECS".into(), "60".into()),
             ("PINQ_MAX_BODY_BYTES".into(), (64 * 1024 * 1024).to_string()),
         ];
+        stack.env.extend(pin_group_env(opts));
         stack.start_api().await?;
         let double = match double {
             Some(config) => {
@@ -1473,6 +1478,12 @@ impl Drop for Burner {
     }
 }
 
+/// `PINQ_PIN_GROUP` for the stacks, when `--pin-group` is given.
+fn pin_group_env(opts: &Opts) -> Option<(String, String)> {
+    opts.pin_group
+        .map(|g| ("PINQ_PIN_GROUP".to_owned(), g.to_string()))
+}
+
 /// A real js-ipfs node: pinq's pins/s beside a plain client's, same work and concurrency.
 async fn realnode(opts: &Opts) -> anyhow::Result<Outcome> {
     let mut stack = Stack::new().await?;
@@ -1490,6 +1501,7 @@ async fn realnode(opts: &Opts) -> anyhow::Result<Outcome> {
             opts.db_connections.to_string(),
         ),
     ];
+    stack.env.extend(pin_group_env(opts));
     stack.start_ipfs().await?;
     stack.start_api().await?;
     stack.register_ipfs_backend("local").await?;
@@ -1773,7 +1785,7 @@ async fn main() -> anyhow::Result<()> {
             "inflight": opts.inflight, "node_pins": opts.node_pins,
             "node_concurrency": opts.node_concurrency, "log": opts.log,
             "index_pins": opts.index_pins, "index_runs": opts.index_runs,
-            "db_connections": opts.db_connections,
+            "db_connections": opts.db_connections, "pin_group": opts.pin_group,
         },
         "results": metrics.iter().map(Metric::to_json).collect::<Vec<_>>(),
         "details": details,
