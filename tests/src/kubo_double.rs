@@ -103,9 +103,10 @@ pub struct Counters {
     pub repo_stat: AtomicU64,
     /// Calls answered with an injected transient error.
     pub injected_errors: AtomicU64,
-    /// `pin/add` and `pin/rm` calls under way right now.
+    /// Pins and unpins under way right now (the CIDs of the `pin/add` and `pin/rm` calls
+    /// under way: a call may name several).
     pub in_flight: AtomicU64,
-    /// The most `pin/add` and `pin/rm` calls ever under way at once.
+    /// The most pins and unpins ever under way at once.
     pub max_in_flight: AtomicU64,
 }
 
@@ -244,20 +245,20 @@ fn missing_arg() -> Response {
     )
 }
 
-/// Counts a pin call in flight until dropped.
-struct InFlight<'a>(&'a Counters);
+/// Counts the CIDs of a pin call in flight until dropped.
+struct InFlight<'a>(&'a Counters, u64);
 
 impl<'a> InFlight<'a> {
-    fn enter(c: &'a Counters) -> Self {
-        let now = c.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+    fn enter(c: &'a Counters, cids: u64) -> Self {
+        let now = c.in_flight.fetch_add(cids, Ordering::Relaxed) + cids;
         c.max_in_flight.fetch_max(now, Ordering::Relaxed);
-        InFlight(c)
+        InFlight(c, cids)
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(self.1, Ordering::Relaxed);
     }
 }
 
@@ -286,7 +287,6 @@ async fn work(inner: &Inner) -> Option<Response> {
 /// Pins every `arg` of the call, as Kubo does (all or, on an error, an unknown part).
 async fn pin_add(State(inner): Shared, Query(q): Query<Vec<(String, String)>>) -> Response {
     inner.counters.pin_add.fetch_add(1, Ordering::Relaxed);
-    let _in_flight = InFlight::enter(&inner.counters);
     let cids: Vec<String> = q
         .into_iter()
         .filter(|(k, _)| k == "arg")
@@ -299,6 +299,7 @@ async fn pin_add(State(inner): Shared, Query(q): Query<Vec<(String, String)>>) -
         .counters
         .pin_add_cids
         .fetch_add(cids.len() as u64, Ordering::Relaxed);
+    let _in_flight = InFlight::enter(&inner.counters, cids.len() as u64);
     if let Some(err) = work(&inner).await {
         return err;
     }
@@ -310,7 +311,7 @@ async fn pin_add(State(inner): Shared, Query(q): Query<Vec<(String, String)>>) -
 
 async fn pin_rm(State(inner): Shared, Query(q): Params) -> Response {
     inner.counters.pin_rm.fetch_add(1, Ordering::Relaxed);
-    let _in_flight = InFlight::enter(&inner.counters);
+    let _in_flight = InFlight::enter(&inner.counters, 1);
     let Some(cid) = q.get("arg").cloned() else {
         return missing_arg();
     };

@@ -5,18 +5,18 @@
 //! node, calls of 4–16 CIDs pinned about twice as many CIDs a second as calls of one, with
 //! the same pins in flight (docs/performance.md). So each backend client has a gatherer:
 //! a job about to pin hands its CID over, and the gatherer sends whatever has arrived
-//! together (up to `PINQ_PIN_GROUP`) in one call, and starts the next call at once, so
-//! several run side by side. A job alone is sent alone, as before, with nothing added
-//! to its time; groups form only when several pins start at once, which is when a worker
-//! is busy (a claim's jobs start together, and a call that ends frees its jobs' slots for
-//! as many others).
+//! together (up to `PINQ_PIN_GROUP`) in one call. At most `concurrency / PINQ_PIN_GROUP`
+//! shared calls run at once: while they do, the pins that arrive wait and go together as
+//! soon as one ends, so a saturated worker sends full groups. A worker with calls to
+//! spare sends a pin that arrives alone at once, alone, as before, with nothing added to
+//! its time (and its call is not counted against that bound).
 //!
 //! A shared call never decides a job's outcome except for success, so a job's timeout,
 //! retries and errors stay its own:
 //! - it pins only what the node holds already (`offline`, which Kubo honours per call), so
 //!   content that must be fetched fails the call at once instead of holding the others;
 //! - it has a shorter timeout than a job's own call (a quarter of it, at most
-//!   [`GROUP_TIMEOUT`]);
+//!   [`GROUP_TIMEOUT`]), since js-ipfs ignores `offline` and waits for missing content;
 //! - if it fails in any way, each of its CIDs is pinned by a call of its own, with the
 //!   job's full timeout (pinning is idempotent, so what the shared call pinned already is
 //!   simply confirmed), and that call's result is the job's;
