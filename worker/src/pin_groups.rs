@@ -16,7 +16,9 @@
 //! - it pins only what the node holds already (`offline`, which Kubo honours per call), so
 //!   content that must be fetched fails the call at once instead of holding the others;
 //! - it has a shorter timeout than a job's own call (a quarter of it, at most
-//!   [`GROUP_TIMEOUT`]), since js-ipfs ignores `offline` and waits for missing content;
+//!   [`GROUP_TIMEOUT`]), since js-ipfs ignores `offline` and waits for missing content,
+//!   and it stops counting against the bound on shared calls after [`PERMIT_HOLD`], so a
+//!   slow one does not hold back the groups after it;
 //! - if it fails in any way, each of its CIDs is pinned by a call of its own, with the
 //!   job's full timeout (pinning is idempotent, so what the shared call pinned already is
 //!   simply confirmed), and that call's result is the job's;
@@ -35,8 +37,15 @@ use std::sync::Arc;
 use pinq_core::kubo::{BackendError, KuboClient};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
-/// Longest a shared call may take before its CIDs are pinned one by one.
-const GROUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a shared call may take before its CIDs are pinned one by one. Content the node
+/// holds pins in milliseconds; a backend that ignores `offline` (js-ipfs) waits here for
+/// content it lacks, and the CIDs of the group wait that long before their own calls.
+const GROUP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a shared call counts against the bound on shared calls. One that takes longer
+/// is slow for a reason of its own (content the node lacks, a large DAG) and no longer
+/// holds back the next groups.
+const PERMIT_HOLD: Duration = Duration::from_millis(250);
 
 /// How many times the gatherer yields to the runtime, while more pins keep arriving,
 /// before it sends what it has: the jobs of one claim hand their CIDs over within a few
@@ -151,10 +160,23 @@ async fn pin_group(
 ) {
     // Jobs that stopped waiting (cancelled, lease lost) are left out.
     group.retain(|r| !r.reply.is_closed());
-    if group.len() > 1 {
-        let cids: Vec<&str> = group.iter().map(|r| r.cid.as_str()).collect();
-        let shared_timeout = (timeout / 4).clamp(Duration::from_millis(1), GROUP_TIMEOUT);
-        match client.pin_add_local_many(&cids, shared_timeout).await {
+    if group.len() <= 1 {
+        drop(permit);
+    } else {
+        let result = {
+            let cids: Vec<&str> = group.iter().map(|r| r.cid.as_str()).collect();
+            let shared_timeout = (timeout / 4).clamp(Duration::from_millis(1), GROUP_TIMEOUT);
+            let call = client.pin_add_local_many(&cids, shared_timeout);
+            tokio::pin!(call);
+            let mut permit = Some(permit);
+            loop {
+                tokio::select! {
+                    r = &mut call => break r,
+                    _ = tokio::time::sleep(PERMIT_HOLD), if permit.is_some() => permit = None,
+                }
+            }
+        };
+        match result {
             Ok(()) => {
                 for r in group {
                     let _ = r.reply.send(Ok(()));
@@ -175,7 +197,6 @@ async fn pin_group(
     // Calls of their own (a lone pin's, as without groups, or after a shared call failed)
     // are bounded by the jobs' call slots, not by the gatherer's: content that must be
     // fetched does not hold back the groups of content on the node.
-    drop(permit);
     let alone = group.into_iter().map(|r| {
         let client = &client;
         async move {
