@@ -6,8 +6,9 @@
 //! the same pins in flight (docs/performance.md). So each backend client has a gatherer:
 //! a job about to pin hands its CID over, and the gatherer sends whatever has arrived
 //! together (up to `PINQ_PIN_GROUP`) in one call. At most `concurrency / PINQ_PIN_GROUP`
-//! shared calls run at once: while they do, the pins that arrive wait and go together as
-//! soon as one ends, so a saturated worker sends full groups. A worker with calls to
+//! shared calls younger than [`PERMIT_HOLD`] run at once: while they do, the pins that
+//! arrive wait and go together as soon as one ends, so a saturated worker sends full
+//! groups. A worker with calls to
 //! spare sends a pin that arrives alone at once, alone, as before, with nothing added to
 //! its time (and its call is not counted against that bound).
 //!
@@ -30,9 +31,8 @@
 //! waiting for it; the call goes on for the others. The node may then have pinned its
 //! CID, exactly as when a lone call is abandoned.
 
-use std::time::Duration;
-
 use std::sync::Arc;
+use std::time::Duration;
 
 use pinq_core::kubo::{BackendError, KuboClient};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
@@ -68,8 +68,10 @@ struct Request {
 impl PinGroups {
     /// Starts the gatherer of `client` (unless `max_group` is 1). It stops when this is
     /// dropped; calls under way finish on their own.
-    /// `concurrency` is the worker's: at most `concurrency / max_group` calls of this
-    /// gatherer run at once, so that under load each call carries close to `max_group`.
+    ///
+    /// `concurrency` is the worker's: at most `concurrency / max_group` shared calls of
+    /// this gatherer count against its bound at once (each for at most [`PERMIT_HOLD`]),
+    /// so that under load each call carries close to `max_group`.
     pub(crate) fn start(
         client: KuboClient,
         max_group: usize,
