@@ -31,8 +31,9 @@ pub struct ServiceArgs {
     #[arg(long, env = "PINQ_QUEUE", default_value = "pinq.jobs")]
     pub queue: String,
     /// Most job ids one message carries (jobs of one priority published together share
-    /// messages; a worker claims a message's jobs in one statement).
-    #[arg(long, env = "PINQ_MESSAGE_JOBS", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    /// messages; a worker claims a message's jobs in as few statements as its free slots
+    /// allow, and acknowledges it once all are claimed).
+    #[arg(long, env = "PINQ_MESSAGE_JOBS", default_value_t = 128, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub message_jobs: u16,
 }
 

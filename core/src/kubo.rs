@@ -223,13 +223,14 @@ impl KuboClient {
         let v = self
             .call_json("pin/add", &query, timeout + TIMEOUT_SLACK)
             .await?;
-        match v.get("Pins") {
-            Some(Value::Array(pins)) if pins.len() == cids.len() => Ok(()),
-            _ => Err(BackendError::Protocol(format!(
-                "pin/add of {} CIDs answered without as many Pins: {}",
+        if pins_name_all(&v, cids) {
+            Ok(())
+        } else {
+            Err(BackendError::Protocol(format!(
+                "pin/add of {} CIDs answered without naming each of them in Pins: {}",
                 cids.len(),
                 truncate(&v.to_string(), 200)
-            ))),
+            )))
         }
     }
 
@@ -473,6 +474,21 @@ where
     })
 }
 
+/// Whether a `pin/add` answer's `Pins` names every one of `cids`, each compared in its
+/// canonical form (a node may answer in another spelling than the one sent: a CIDv0 as
+/// base58, a CIDv1 in its own base).
+fn pins_name_all(answer: &Value, cids: &[&str]) -> bool {
+    let Some(Value::Array(pins)) = answer.get("Pins") else {
+        return false;
+    };
+    let pinned: std::collections::HashSet<String> = pins
+        .iter()
+        .filter_map(|p| p.as_str().and_then(crate::cid::canonical_of))
+        .collect();
+    cids.iter()
+        .all(|c| crate::cid::canonical_of(c).is_some_and(|k| pinned.contains(&k)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -485,6 +501,23 @@ mod tests {
             .collect();
         let stream = ndjson_lines(futures::stream::iter(items));
         futures::executor::block_on(stream.map(|l| l.expect("no error")).collect())
+    }
+
+    #[test]
+    fn a_shared_pin_add_succeeds_only_if_its_answer_names_every_cid() {
+        let v0 = "QmdfTbBqBPQ7VNxZEYEj14VmRuZBkqFbiwReogJgS1zR1n";
+        let v1 = crate::cid::canonical_of(v0).expect("a valid CID");
+        let other = "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy";
+        let answer = |pins: &[&str]| serde_json::json!({ "Pins": pins });
+        assert!(pins_name_all(&answer(&[v0, other]), &[v0, other]));
+        // Another spelling of the same CID, and another order.
+        assert!(pins_name_all(&answer(&[other, &v1]), &[v0, other]));
+        // As many entries, but one CID is missing (another named twice).
+        assert!(!pins_name_all(&answer(&[other, other]), &[v0, other]));
+        assert!(!pins_name_all(&answer(&[v0]), &[v0, other]));
+        assert!(!pins_name_all(&answer(&["not a cid", v0]), &[v0, other]));
+        assert!(!pins_name_all(&serde_json::json!({}), &[v0]));
+        assert!(!pins_name_all(&serde_json::json!({ "Pins": "x" }), &[v0]));
     }
 
     #[test]

@@ -33,7 +33,9 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 mod pin_groups;
+mod slots;
 use pin_groups::PinGroups;
+use slots::Slots;
 
 /// Command-line and environment settings of `pinq-worker`.
 #[derive(Debug, Clone, clap::Parser)]
@@ -53,6 +55,10 @@ pub struct Args {
 
 /// How long a backend entry (and so its health status) is trusted before it is read again.
 const BACKEND_CACHE_TTL: Duration = Duration::from_secs(3);
+/// An entry not read again for this long (its backend deleted, or without jobs for a
+/// while) is dropped with its client and gatherer when another entry is stored; the next
+/// job for it reads the backend again and starts a new client.
+const BACKEND_CACHE_IDLE: Duration = Duration::from_secs(60);
 /// How long a job for a backend held `down` waits before it is looked at again. The relay
 /// does not publish it while the backend stays down, so this is a floor, not a poll.
 const DOWN_BACKEND_DEFER: Duration = Duration::from_secs(5);
@@ -89,9 +95,10 @@ struct Ctx {
     /// Backends read recently, each with its client, for [`BACKEND_CACHE_TTL`].
     backends: RwLock<HashMap<Uuid, (tokio::time::Instant, Arc<CachedBackend>)>>,
     in_flight: AtomicUsize,
-    /// One permit per job claimed and not yet done calling its backend: the concurrency
-    /// plus a small headroom (see [`claim_headroom`]).
-    permits: Arc<Semaphore>,
+    /// One slot per job claimed and not yet done calling its backend: the concurrency
+    /// plus a small headroom (see [`claim_headroom`]), handed to the deliveries waiting
+    /// for them by priority.
+    permits: Slots,
     /// One permit per backend call in flight: the concurrency.
     calls: Arc<Semaphore>,
     /// Successful jobs on their way to the completer.
@@ -158,9 +165,9 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         http: KuboClient::http_client(),
         backends: RwLock::new(HashMap::new()),
         in_flight: AtomicUsize::new(0),
-        permits: Arc::new(Semaphore::new(
+        permits: Slots::new(
             args.worker.concurrency.max(1) + claim_headroom(args.worker.concurrency),
-        )),
+        ),
         calls,
         completions,
         abandon: CancellationToken::new(),
@@ -316,13 +323,16 @@ async fn handle_delivery(ctx: Arc<Ctx>, delivery: Delivery) {
     // is claimed. Waiting for a share of the slots rather than for one keeps claims (and
     // their commits) few and large when the worker is saturated; when it is not, the slots
     // are free and nothing waits. The semaphore is fair, so a message is never starved by
-    // others.
+    // others of its priority; a message of a higher priority is served first.
+    let ticket = ctx
+        .permits
+        .ticket(delivery.properties.priority().unwrap_or(0));
     let mut rest: &[Uuid] = &message.jobs;
     let least = claim_least(ctx.args.concurrency);
     while !rest.is_empty() {
         let want = u32::try_from(rest.len().min(least)).unwrap_or(u32::MAX);
         let permit = tokio::select! {
-            p = ctx.permits.clone().acquire_many_owned(want) => p.ok(),
+            p = ctx.permits.acquire(&ticket, want) => p.ok(),
             _ = ctx.stopping.cancelled() => None,
         };
         let Some(mut permit) = permit else {
@@ -332,9 +342,9 @@ async fn handle_delivery(ctx: Arc<Ctx>, delivery: Delivery) {
             return;
         };
         while permit.num_permits() < rest.len() {
-            match ctx.permits.clone().try_acquire_owned() {
-                Ok(more) => permit.merge(more),
-                Err(_) => break,
+            match ctx.permits.try_acquire() {
+                Some(more) => permit.merge(more),
+                None => break,
             }
         }
         let (ids, tail) = rest.split_at(permit.num_permits().min(rest.len()));
@@ -696,6 +706,7 @@ async fn backend(ctx: &Ctx, id: Uuid) -> Result<Arc<CachedBackend>, BackendError
         .await
         .map_err(|e| BackendError::Unreachable(format!("could not read backend {id}: {e}")))?;
     let Some(b) = fetched else {
+        ctx.backends.write().await.remove(&id);
         return Err(BackendError::Rejected {
             status: 404,
             message: format!("backend {id} no longer exists"),
@@ -721,7 +732,9 @@ async fn backend(ctx: &Ctx, id: Uuid) -> Result<Arc<CachedBackend>, BackendError
         )),
     };
     let b = Arc::new(CachedBackend { pins, backend: b });
-    cache.insert(id, (tokio::time::Instant::now(), b.clone()));
+    let now = tokio::time::Instant::now();
+    cache.retain(|_, (at, _)| now.duration_since(*at) < BACKEND_CACHE_IDLE);
+    cache.insert(id, (now, b.clone()));
     Ok(b)
 }
 

@@ -122,6 +122,11 @@ struct Opts {
     /// per pin). Unset: the worker's default.
     #[arg(long)]
     pin_group: Option<usize>,
+    /// Diagnostic: a setting given to every pinq process of every stack, as `NAME=value`
+    /// (repeatable), for A/B runs of a setting the bench has no flag for, e.g.
+    /// `--env PINQ_MESSAGE_JOBS=128`. Applied after the bench's own settings.
+    #[arg(long = "env", value_name = "NAME=VALUE", value_parser = parse_setting)]
+    env: Vec<(String, String)>,
     /// RUST_LOG of the processes (`info` writes a log line per job).
     #[arg(long, default_value = "warn")]
     log: String,
@@ -199,7 +204,7 @@ impl BenchStack {
             ("PINQ_PIN_TIMEOUT_SECS".into(), "60".into()),
             ("PINQ_MAX_BODY_BYTES".into(), (64 * 1024 * 1024).to_string()),
         ];
-        stack.env.extend(pin_group_env(opts));
+        stack.env.extend(extra_env(opts));
         stack.start_api().await?;
         let double = match double {
             Some(config) => {
@@ -1478,10 +1483,21 @@ impl Drop for Burner {
     }
 }
 
-/// `PINQ_PIN_GROUP` for the stacks, when `--pin-group` is given.
-fn pin_group_env(opts: &Opts) -> Option<(String, String)> {
+/// The settings of `--pin-group` and `--env` for the stacks.
+fn extra_env(opts: &Opts) -> Vec<(String, String)> {
     opts.pin_group
         .map(|g| ("PINQ_PIN_GROUP".to_owned(), g.to_string()))
+        .into_iter()
+        .chain(opts.env.iter().cloned())
+        .collect()
+}
+
+/// One `--env NAME=value`.
+fn parse_setting(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
+        _ => Err(format!("expected NAME=value, got {s:?}")),
+    }
 }
 
 /// A real js-ipfs node: pinq's pins/s beside a plain client's, same work and concurrency.
@@ -1501,7 +1517,7 @@ async fn realnode(opts: &Opts) -> anyhow::Result<Outcome> {
             opts.db_connections.to_string(),
         ),
     ];
-    stack.env.extend(pin_group_env(opts));
+    stack.env.extend(extra_env(opts));
     stack.start_ipfs().await?;
     stack.start_api().await?;
     stack.register_ipfs_backend("local").await?;
@@ -1786,6 +1802,7 @@ async fn main() -> anyhow::Result<()> {
             "node_concurrency": opts.node_concurrency, "log": opts.log,
             "index_pins": opts.index_pins, "index_runs": opts.index_runs,
             "db_connections": opts.db_connections, "pin_group": opts.pin_group,
+            "env": opts.env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
         },
         "results": metrics.iter().map(Metric::to_json).collect::<Vec<_>>(),
         "details": details,

@@ -1,0 +1,255 @@
+//! A worker's slots, handed to the deliveries that wait for them highest priority first.
+//!
+//! RabbitMQ orders only the messages it has not delivered yet: the ones a worker holds
+//! (up to its prefetch) wait here for free slots before their jobs are claimed. A tokio
+//! semaphore serves its waiters in arrival order, so a priority-9 message delivered behind
+//! a few messages of priority 1 would wait until all of their jobs had been claimed. Here
+//! only the first of the waiters in (priority, arrival) order waits on the semaphore; a
+//! waiter that arrives with a higher priority takes its place at once.
+
+use std::cmp::Reverse;
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{AcquireError, Notify, OwnedSemaphorePermit, Semaphore};
+
+/// Waiters in the order they are served: highest priority first, then arrival.
+type Key = (Reverse<u8>, u64);
+
+/// Where a delivery stands in line (see [`Slots::ticket`]).
+pub(crate) struct Ticket(Key);
+
+pub(crate) struct Slots {
+    semaphore: Arc<Semaphore>,
+    waiting: Mutex<BTreeSet<Key>>,
+    arrivals: AtomicU64,
+    /// Woken whenever the first waiter may have changed.
+    changed: Notify,
+}
+
+impl Slots {
+    pub(crate) fn new(slots: usize) -> Self {
+        Slots {
+            semaphore: Arc::new(Semaphore::new(slots)),
+            waiting: Mutex::new(BTreeSet::new()),
+            arrivals: AtomicU64::new(0),
+            changed: Notify::new(),
+        }
+    }
+
+    /// A place in line for a delivery of `priority`, arriving now. A delivery whose jobs
+    /// are claimed in several parts waits for each part with the same ticket, so it keeps
+    /// its place before the deliveries that arrived after it.
+    pub(crate) fn ticket(&self, priority: u8) -> Ticket {
+        Ticket((
+            Reverse(priority),
+            self.arrivals.fetch_add(1, Ordering::Relaxed),
+        ))
+    }
+
+    /// Waits for `want` slots, served before every waiter of a lower priority and after
+    /// the earlier waiters of the same or a higher one. Cancel-safe: a waiter dropped
+    /// before it is served takes nothing and leaves its place to the next.
+    pub(crate) async fn acquire(
+        &self,
+        ticket: &Ticket,
+        want: u32,
+    ) -> Result<OwnedSemaphorePermit, AcquireError> {
+        let key = ticket.0;
+        let _place = Place::take(self, key);
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before the check, so a change between the two is not missed.
+            changed.as_mut().enable();
+            if self.first() == Some(key) {
+                tokio::select! {
+                    permit = self.semaphore.clone().acquire_many_owned(want) => return permit,
+                    // Someone of a higher priority arrived: let go of the semaphore and
+                    // look again.
+                    () = &mut changed => {}
+                }
+            } else {
+                changed.await;
+            }
+        }
+    }
+
+    /// Takes whatever slot is free now, without waiting.
+    pub(crate) fn try_acquire(&self) -> Option<OwnedSemaphorePermit> {
+        self.semaphore.clone().try_acquire_owned().ok()
+    }
+
+    fn first(&self) -> Option<Key> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .first()
+            .copied()
+    }
+}
+
+/// A waiter's place in line, given up when it is served or dropped.
+struct Place<'a> {
+    slots: &'a Slots,
+    key: Key,
+}
+
+impl<'a> Place<'a> {
+    fn take(slots: &'a Slots, key: Key) -> Self {
+        let first = {
+            let mut waiting = slots.waiting.lock().unwrap_or_else(|e| e.into_inner());
+            waiting.insert(key);
+            waiting.first() == Some(&key)
+        };
+        if first {
+            slots.changed.notify_waiters();
+        }
+        Place { slots, key }
+    }
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        let was_first = {
+            let mut waiting = self.slots.waiting.lock().unwrap_or_else(|e| e.into_inner());
+            let was_first = waiting.first() == Some(&self.key);
+            waiting.remove(&self.key);
+            was_first
+        };
+        if was_first {
+            self.slots.changed.notify_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Lets the spawned waiters run until each is waiting.
+    async fn settle() {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn serves_the_highest_priority_first_then_arrival_order() {
+        let slots = Arc::new(Slots::new(4));
+        let all = slots.acquire(&slots.ticket(0), 4).await.expect("open");
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for (name, priority, want) in [("a", 1, 2), ("b", 1, 1), ("c", 9, 3), ("d", 5, 1)] {
+            let slots = slots.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let permit = slots
+                    .acquire(&slots.ticket(priority), want)
+                    .await
+                    .expect("open");
+                tx.send((name, permit.num_permits())).expect("receiver");
+                // Hold the slots briefly so that each release serves the next waiter.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                drop(permit);
+            });
+            settle().await;
+        }
+        drop(all);
+        let mut order = Vec::new();
+        for _ in 0..4 {
+            order.push(rx.recv().await.expect("served"));
+        }
+        assert_eq!(order, [("c", 3), ("d", 1), ("a", 2), ("b", 1)]);
+    }
+
+    #[tokio::test]
+    async fn a_higher_priority_overtakes_the_first_waiter_already_waiting() {
+        let slots = Arc::new(Slots::new(2));
+        let held = slots.acquire(&slots.ticket(0), 2).await.expect("open");
+        let low = tokio::spawn({
+            let slots = slots.clone();
+            async move {
+                slots
+                    .acquire(&slots.ticket(1), 2)
+                    .await
+                    .expect("open")
+                    .num_permits()
+            }
+        });
+        settle().await;
+        let high = tokio::spawn({
+            let slots = slots.clone();
+            async move { slots.acquire(&slots.ticket(9), 1).await.expect("open") }
+        });
+        settle().await;
+        // One slot back: the later, higher waiter takes it; the first still waits for two.
+        drop(held);
+        let high = high.await.expect("served");
+        settle().await;
+        assert!(!low.is_finished(), "the lower waiter must still wait");
+        drop(high);
+        assert_eq!(low.await.expect("served"), 2);
+    }
+
+    #[tokio::test]
+    async fn a_delivery_claimed_in_parts_keeps_its_place() {
+        let slots = Arc::new(Slots::new(2));
+        let early = slots.ticket(1);
+        let part = slots.acquire(&early, 2).await.expect("open");
+        // A later delivery of the same priority waits for the slots the first part holds.
+        let later = tokio::spawn({
+            let slots = slots.clone();
+            async move { slots.acquire(&slots.ticket(1), 1).await.expect("open") }
+        });
+        settle().await;
+        let (served, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let rest = tokio::spawn({
+            let slots = slots.clone();
+            async move {
+                let permit = slots.acquire(&early, 2).await.expect("open");
+                served.send("early").expect("receiver");
+                permit
+            }
+        });
+        settle().await;
+        drop(part);
+        assert_eq!(rx.recv().await, Some("early"));
+        assert!(!later.is_finished(), "the later delivery must wait");
+        drop(rest.await.expect("task"));
+        drop(later.await.expect("task"));
+    }
+
+    #[tokio::test]
+    async fn a_dropped_waiter_leaves_its_place_to_the_next() {
+        let slots = Arc::new(Slots::new(1));
+        let held = slots.acquire(&slots.ticket(0), 1).await.expect("open");
+        let first = tokio::spawn({
+            let slots = slots.clone();
+            async move { slots.acquire(&slots.ticket(5), 1).await.map(|_| ()) }
+        });
+        settle().await;
+        let second = tokio::spawn({
+            let slots = slots.clone();
+            async move {
+                slots
+                    .acquire(&slots.ticket(1), 1)
+                    .await
+                    .expect("open")
+                    .num_permits()
+            }
+        });
+        settle().await;
+        first.abort();
+        let _ = first.await;
+        drop(held);
+        let served = tokio::time::timeout(Duration::from_secs(5), second)
+            .await
+            .expect("the second waiter is served")
+            .expect("task");
+        assert_eq!(served, 1);
+        assert!(slots.try_acquire().is_some(), "its slot came back");
+    }
+}
