@@ -330,7 +330,8 @@ pub enum BackendDelete {
 /// Deletes a backend that has no unfinished job. If it has finished jobs, they are
 /// deleted with it only when `purge` is set (the jobs table references the backend, and a
 /// job's history is worth keeping unless the operator says otherwise). Its pin index rows
-/// and probes cascade.
+/// are deleted with it (no key cascades them: see the `pins_without_key` migration), and
+/// its probes cascade.
 pub async fn delete_backend(
     pool: &PgPool,
     name: &str,
@@ -383,6 +384,12 @@ pub async fn delete_backend(
             BackendDelete::HasHistory { finished: left }
         });
     }
+    // The backend's row is locked (above), so no index update can add pins for it
+    // meanwhile, and it has no job left whose success could.
+    sqlx::query("DELETE FROM pins WHERE backend_id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
     sqlx::query("DELETE FROM backends WHERE id = $1")
         .bind(id)
         .execute(&mut *tx)

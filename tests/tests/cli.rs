@@ -300,6 +300,15 @@ async fn failures_and_bad_input_give_one_line_and_the_documented_exit_code() -> 
     pinq(&stack, &["backends", "rm", "spare"])
         .await
         .assert_error(1, "finished job(s) in its history");
+    // A pin-index row of the backend (as an index update records a pin found on the
+    // node) goes with it.
+    let (spare_id,): (uuid::Uuid,) = sqlx::query_as(
+        "INSERT INTO pins (backend_id, cid, status)
+         SELECT id, $1, 'unmanaged' FROM backends WHERE name = 'spare' RETURNING backend_id",
+    )
+    .bind(pinq_e2e::random_cid())
+    .fetch_one(&stack.db.pool)
+    .await?;
     let rm = pinq_ok(
         &stack,
         &["backends", "rm", "spare", "--purge", "-o", "json"],
@@ -313,6 +322,11 @@ async fn failures_and_bad_input_give_one_line_and_the_documented_exit_code() -> 
     .fetch_one(&stack.db.pool)
     .await?;
     assert_eq!(orphans, 0, "the purged job's attempt records went with it");
+    let (pins_left,): (i64,) = sqlx::query_as("SELECT count(*) FROM pins WHERE backend_id = $1")
+        .bind(spare_id)
+        .fetch_one(&stack.db.pool)
+        .await?;
+    assert_eq!(pins_left, 0, "the backend's pin-index rows went with it");
     pinq(&stack, &["backends", "check", "spare"])
         .await
         .assert_error(1, "no backend named 'spare'");

@@ -280,9 +280,12 @@ async fn reconcile(
     .execute(&mut *tx)
     .await?;
     c.verified = u64::try_from(verified).unwrap_or(0);
+    // The backend's row is locked against its deletion, as a foreign key would; if it
+    // is gone, nothing is inserted (see the `pins_without_key` migration).
     c.new_unmanaged = sqlx::query(
         "INSERT INTO pins (backend_id, cid, owner, status, pinned_at, verified_at)
-         SELECT $1, s.cid, NULL, 'unmanaged', now(), $2 FROM pinq_scan s
+         SELECT b.id, s.cid, NULL, 'unmanaged', now(), $2
+         FROM (SELECT id FROM backends WHERE id = $1 FOR KEY SHARE) b, pinq_scan s
          WHERE NOT EXISTS (SELECT 1 FROM pins p WHERE p.backend_id = $1 AND p.cid = s.cid)
            AND NOT EXISTS (SELECT 1 FROM pinq_busy b WHERE b.cid = s.cid)
          ON CONFLICT (backend_id, cid) DO NOTHING",
