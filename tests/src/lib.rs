@@ -629,8 +629,8 @@ pub fn unique_contents(n: usize) -> Vec<Vec<u8>> {
 /// A TCP proxy in front of RabbitMQ. While cut, it closes every open connection and
 /// refuses new ones, so the broker is unreachable for whoever connects through it; while
 /// stalled, it closes them too but takes new ones and never answers, as a broker host that
-/// drops packets would. This is the one test double of the suite: RabbitMQ itself keeps
-/// running for other tests.
+/// drops packets would. RabbitMQ itself keeps running for other tests. (The suite's other
+/// test double is the Kubo RPC's, `kubo_double`, for injected latency.)
 pub struct FaultProxy {
     pub port: u16,
     mode: Arc<AtomicU8>,
@@ -1226,6 +1226,27 @@ impl Stack {
                 .fetch_all(&self.db.pool)
                 .await?;
         Ok(rows.into_iter().collect())
+    }
+
+    /// Waits until at least `n` jobs of the batch succeeded.
+    pub async fn wait_succeeded(
+        &self,
+        batch: Uuid,
+        n: i64,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let counts = self.state_counts(batch).await?;
+            if counts.get("succeeded").copied().unwrap_or(0) >= n {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "no progress to {n} succeeded within {timeout:?}: {counts:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// The figures every fault test prints and checks: what was submitted, and how the

@@ -6,7 +6,7 @@
 //! used here for latency injection only): a worker stays busy for a known time only with
 //! pins that take a known time, which a local node does not give.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pinq_e2e::Stack;
 use pinq_e2e::kubo_double::{DoubleConfig, KuboDouble, Latency, synthetic_cid};
@@ -45,18 +45,9 @@ async fn a_priority_9_batch_overtakes_the_messages_a_busy_worker_holds() -> anyh
         .submit_ok(&json!({"priority": 1, "ops": pins(1, 2000)}))
         .await?;
     // The worker is busy and holds its window of backlog messages.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while stack
-        .state_counts(backlog)
-        .await?
-        .get("succeeded")
-        .copied()
-        .unwrap_or(0)
-        < 100
-    {
-        anyhow::ensure!(Instant::now() < deadline, "the backlog did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    stack
+        .wait_succeeded(backlog, 100, Duration::from_secs(60))
+        .await?;
     let urgent = stack
         .submit_ok(&json!({"priority": 9, "ops": pins(2, 16)}))
         .await?;

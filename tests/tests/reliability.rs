@@ -19,27 +19,6 @@ fn pins(cids: &[String]) -> Vec<Value> {
         .collect()
 }
 
-/// Waits until at least `n` jobs of the batch succeeded.
-async fn wait_progress(
-    stack: &Stack,
-    batch: Uuid,
-    n: i64,
-    timeout: Duration,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let counts = stack.state_counts(batch).await?;
-        if counts.get("succeeded").copied().unwrap_or(0) >= n {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "no progress to {n} within {timeout:?}: {counts:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_workers_mid_batch_loses_nothing_and_runs_nothing_twice() -> anyhow::Result<()> {
     const LEASE_SECS: u64 = 5;
@@ -64,7 +43,9 @@ async fn kill_9_workers_mid_batch_loses_nothing_and_runs_nothing_twice() -> anyh
     let mut orphaned_total = 0;
     for round in 0..3 {
         // A random moment while the batch is under way.
-        wait_progress(&stack, batch, 50 + round * 300, Duration::from_secs(120)).await?;
+        stack
+            .wait_succeeded(batch, 50 + round * 300, Duration::from_secs(120))
+            .await?;
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..400))).await;
         let victim = rng.random_range(0..stack.workers.len());
         let worker_id = stack.worker_id(victim).await?;
@@ -130,7 +111,9 @@ async fn rabbitmq_restart_mid_batch_is_survived_without_restarting_processes() -
     let pids: Vec<i32> = stack.workers.iter().map(|w| w.pid()).collect();
     let cids = stack.ipfs().add_unpinned(&unique_contents(1000)).await?;
     let first = stack.submit_ok(&json!({"ops": pins(&cids[..600])})).await?;
-    wait_progress(&stack, first, 100, Duration::from_secs(60)).await?;
+    stack
+        .wait_succeeded(first, 100, Duration::from_secs(60))
+        .await?;
 
     rabbit.stop().await?;
     // Submitted during the outage: accepted, dispatched by the relay afterwards.
@@ -167,7 +150,9 @@ async fn postgres_restart_mid_batch_answers_503_and_loses_nothing() -> anyhow::R
     stack.start_scheduler()?;
     let cids = stack.ipfs().add_unpinned(&unique_contents(1000)).await?;
     let batch = stack.submit_ok(&json!({"ops": pins(&cids)})).await?;
-    wait_progress(&stack, batch, 100, Duration::from_secs(60)).await?;
+    stack
+        .wait_succeeded(batch, 100, Duration::from_secs(60))
+        .await?;
 
     pg.stop().await?;
     // Ask the API during the outage: it must say 503 with Retry-After, never 500.
@@ -229,7 +214,9 @@ async fn ipfs_node_down_mid_batch_then_back_finishes_everything() -> anyhow::Res
     let batch = stack
         .submit_ok(&json!({"ops": pins(&cids), "retry": retry}))
         .await?;
-    wait_progress(&stack, batch, 100, Duration::from_secs(60)).await?;
+    stack
+        .wait_succeeded(batch, 100, Duration::from_secs(60))
+        .await?;
 
     if let Some(node) = stack.ipfs.as_mut() {
         node.stop().await;
@@ -395,7 +382,9 @@ async fn sigterm_stops_a_loaded_worker_within_its_grace_and_strands_no_job() -> 
         .submit_ok(&json!({"priority": 9, "ops": pins(&stuck), "retry": {"max_attempts": 1}}))
         .await?;
     let batch = stack.submit_ok(&json!({"ops": pins(&cids)})).await?;
-    wait_progress(&stack, batch, 100, Duration::from_secs(60)).await?;
+    stack
+        .wait_succeeded(batch, 100, Duration::from_secs(60))
+        .await?;
 
     let worker_id = stack.worker_id(0).await?;
     let stopped_at = Instant::now();

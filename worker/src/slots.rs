@@ -130,6 +130,17 @@ mod tests {
 
     use super::*;
 
+    /// A waiter of `priority`, arriving now, for `want` slots: its task ends served.
+    fn waiter(
+        slots: &Arc<Slots>,
+        priority: u8,
+        want: u32,
+    ) -> tokio::task::JoinHandle<OwnedSemaphorePermit> {
+        let slots = slots.clone();
+        let ticket = slots.ticket(priority);
+        tokio::spawn(async move { slots.acquire(&ticket, want).await.expect("open") })
+    }
+
     /// Lets the spawned waiters run until each is waiting.
     async fn settle() {
         for _ in 0..20 {
@@ -169,21 +180,9 @@ mod tests {
     async fn a_higher_priority_overtakes_the_first_waiter_already_waiting() {
         let slots = Arc::new(Slots::new(2));
         let held = slots.acquire(&slots.ticket(0), 2).await.expect("open");
-        let low = tokio::spawn({
-            let slots = slots.clone();
-            async move {
-                slots
-                    .acquire(&slots.ticket(1), 2)
-                    .await
-                    .expect("open")
-                    .num_permits()
-            }
-        });
+        let low = waiter(&slots, 1, 2);
         settle().await;
-        let high = tokio::spawn({
-            let slots = slots.clone();
-            async move { slots.acquire(&slots.ticket(9), 1).await.expect("open") }
-        });
+        let high = waiter(&slots, 9, 1);
         settle().await;
         // One slot back: the later, higher waiter takes it; the first still waits for two.
         drop(held);
@@ -191,7 +190,7 @@ mod tests {
         settle().await;
         assert!(!low.is_finished(), "the lower waiter must still wait");
         drop(high);
-        assert_eq!(low.await.expect("served"), 2);
+        assert_eq!(low.await.expect("served").num_permits(), 2);
     }
 
     #[tokio::test]
@@ -200,10 +199,7 @@ mod tests {
         let early = slots.ticket(1);
         let part = slots.acquire(&early, 2).await.expect("open");
         // A later delivery of the same priority waits for the slots the first part holds.
-        let later = tokio::spawn({
-            let slots = slots.clone();
-            async move { slots.acquire(&slots.ticket(1), 1).await.expect("open") }
-        });
+        let later = waiter(&slots, 1, 1);
         settle().await;
         let (served, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let rest = tokio::spawn({
@@ -226,21 +222,9 @@ mod tests {
     async fn a_dropped_waiter_leaves_its_place_to_the_next() {
         let slots = Arc::new(Slots::new(1));
         let held = slots.acquire(&slots.ticket(0), 1).await.expect("open");
-        let first = tokio::spawn({
-            let slots = slots.clone();
-            async move { slots.acquire(&slots.ticket(5), 1).await.map(|_| ()) }
-        });
+        let first = waiter(&slots, 5, 1);
         settle().await;
-        let second = tokio::spawn({
-            let slots = slots.clone();
-            async move {
-                slots
-                    .acquire(&slots.ticket(1), 1)
-                    .await
-                    .expect("open")
-                    .num_permits()
-            }
-        });
+        let second = waiter(&slots, 1, 1);
         settle().await;
         first.abort();
         let _ = first.await;
@@ -249,7 +233,8 @@ mod tests {
             .await
             .expect("the second waiter is served")
             .expect("task");
-        assert_eq!(served, 1);
+        assert_eq!(served.num_permits(), 1);
+        drop(served);
         assert!(slots.try_acquire().is_some(), "its slot came back");
     }
 }
