@@ -470,7 +470,7 @@ async fn run_job(
         r = async {
             // A backend call slot, unless the job calls nothing.
             let _call = if job.calls_node() { Some(ctx.calls.acquire().await) } else { None };
-            execute(ctx, job, backend).await
+            execute(job, backend).await
         } => r,
         _ = sig.lost.cancelled() => {
             tracing::warn!(job_id = %job.id, "lease lost while running; result discarded");
@@ -740,7 +740,6 @@ async fn backend(ctx: &Ctx, id: Uuid) -> Result<Arc<CachedBackend>, BackendError
 
 /// Runs the job's operation on its backend.
 async fn execute(
-    ctx: &Ctx,
     job: &ClaimedJob,
     backend: Result<Arc<CachedBackend>, BackendError>,
 ) -> Result<(), BackendError> {
@@ -757,7 +756,6 @@ async fn execute(
             message: format!("backend '{}' is disabled", cached.backend.name),
         });
     }
-    let timeout = Duration::from_secs(ctx.args.pin_timeout_secs.max(1));
     let op: Op = job.op.parse().map_err(|_| BackendError::Rejected {
         status: 400,
         message: format!("unknown op '{}'", job.op),
@@ -766,7 +764,7 @@ async fn execute(
         cached.pins.pin_add(&job.cid).await?;
     }
     match job.removes() {
-        Some(old) if job.unpins_on_node() => cached.pins.client().pin_rm(old, timeout).await,
+        Some(old) if job.unpins_on_node() => cached.pins.pin_rm(old).await,
         Some(old) => {
             tracing::debug!(job_id = %job.id, cid = %old, "others still hold the replaced pin; only this owner's reference is removed");
             Ok(())

@@ -91,8 +91,10 @@ impl PinGroups {
         }
     }
 
-    pub(crate) fn client(&self) -> &KuboClient {
-        &self.client
+    /// Unpins `cid`, in a call of its own with the job's timeout (unpins are not grouped:
+    /// see ARCHITECTURE.md).
+    pub(crate) async fn pin_rm(&self, cid: &str) -> Result<(), BackendError> {
+        self.client.pin_rm(cid, self.timeout).await
     }
 
     /// Pins `cid`, in a call shared with the pins that start with it.
