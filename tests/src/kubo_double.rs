@@ -213,11 +213,15 @@ impl Drop for KuboDouble {
 
 /// The i-th synthetic CID of a series (CIDv1, raw codec, a made-up sha2-256 digest), in
 /// canonical base32. Different salts give disjoint series. Only the double "has" them.
+///
+/// The digest starts with `i` scrambled (times an odd constant, one-to-one), so that a
+/// series' CIDs are spread over the key space in no particular order, as real digests
+/// are: an index on CIDs sees inserts all over it, not appended in order.
 pub fn synthetic_cid(salt: u64, i: u64) -> String {
     let mut digest = [0u8; 32];
-    digest[..8].copy_from_slice(&i.to_be_bytes());
+    digest[..8].copy_from_slice(&(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).to_be_bytes());
     digest[8..16].copy_from_slice(&salt.to_be_bytes());
-    digest[16..24].copy_from_slice(&(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).to_be_bytes());
+    digest[16..24].copy_from_slice(&i.to_be_bytes());
     match Multihash::<64>::wrap(0x12, &digest) {
         Ok(mh) => Cid::new_v1(0x55, mh).to_string(),
         // A 32-byte digest always fits a 64-byte multihash.
