@@ -323,14 +323,24 @@ async fn handle_delivery(ctx: Arc<Ctx>, delivery: Delivery) {
     // is claimed. Waiting for a share of the slots rather than for one keeps claims (and
     // their commits) few and large when the worker is saturated; when it is not, the slots
     // are free and nothing waits. The semaphore is fair, so a message is never starved by
-    // others of its priority; a message of a higher priority is served first.
+    // others of its priority; a message of a higher priority is served first. A message
+    // that outranks one already waiting (the worker is saturated with lower priorities)
+    // claims its first part as soon as one slot is free, so its first job starts after
+    // one backend call ends rather than after half the concurrency of them; its later
+    // parts wait for a share like any other.
     let ticket = ctx
         .permits
         .ticket(delivery.properties.priority().unwrap_or(0));
     let mut rest: &[Uuid] = &message.jobs;
     let least = claim_least(ctx.args.concurrency);
+    let mut share = if ctx.permits.outranks_a_waiter(&ticket) {
+        1
+    } else {
+        least
+    };
     while !rest.is_empty() {
-        let want = u32::try_from(rest.len().min(least)).unwrap_or(u32::MAX);
+        let want = u32::try_from(rest.len().min(share)).unwrap_or(u32::MAX);
+        share = least;
         let permit = tokio::select! {
             p = ctx.permits.acquire(&ticket, want) => p.ok(),
             _ = ctx.stopping.cancelled() => None,

@@ -76,6 +76,16 @@ impl Slots {
         }
     }
 
+    /// Whether a delivery of a lower priority than `ticket`'s is waiting for slots now: the
+    /// worker is saturated and this delivery would be served before it.
+    pub(crate) fn outranks_a_waiter(&self, ticket: &Ticket) -> bool {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last()
+            .is_some_and(|lowest| lowest.0 > ticket.0.0)
+    }
+
     /// Takes whatever slot is free now, without waiting.
     pub(crate) fn try_acquire(&self) -> Option<OwnedSemaphorePermit> {
         self.semaphore.clone().try_acquire_owned().ok()
@@ -216,6 +226,27 @@ mod tests {
         assert!(!later.is_finished(), "the later delivery must wait");
         drop(rest.await.expect("task"));
         drop(later.await.expect("task"));
+    }
+
+    #[tokio::test]
+    async fn a_delivery_outranks_only_waiters_of_a_lower_priority() {
+        let slots = Arc::new(Slots::new(1));
+        let held = slots.acquire(&slots.ticket(0), 1).await.expect("open");
+        assert!(!slots.outranks_a_waiter(&slots.ticket(9)), "nobody waits");
+        let low = waiter(&slots, 3, 1);
+        settle().await;
+        assert!(slots.outranks_a_waiter(&slots.ticket(4)));
+        assert!(
+            !slots.outranks_a_waiter(&slots.ticket(3)),
+            "the same priority"
+        );
+        assert!(!slots.outranks_a_waiter(&slots.ticket(2)));
+        drop(held);
+        drop(low.await.expect("served"));
+        assert!(
+            !slots.outranks_a_waiter(&slots.ticket(9)),
+            "the waiter was served"
+        );
     }
 
     #[tokio::test]
