@@ -322,8 +322,8 @@ async fn handle_delivery(ctx: Arc<Ctx>, delivery: Delivery) {
     // message's jobs in one statement and start them, and repeat until the whole message
     // is claimed. Waiting for a share of the slots rather than for one keeps claims (and
     // their commits) few and large when the worker is saturated; when it is not, the slots
-    // are free and nothing waits. The semaphore is fair, so a message is never starved by
-    // others of its priority; a message of a higher priority is served first. A message
+    // are free and nothing waits. Deliveries are served in arrival order within a priority
+    // (`Slots`), so a message is never starved by others of its priority; a message of a higher priority is served first. A message
     // that outranks one already waiting (the worker is saturated with lower priorities)
     // claims its first part as soon as one slot is free, so its first job starts after
     // one backend call ends rather than after half the concurrency of them; its later
