@@ -109,6 +109,7 @@ impl Server {
         let publisher = Arc::new(Publisher::new(
             &args.services.amqp_url,
             &args.services.queue,
+            args.services.urgent_priority,
             args.services.message_jobs,
         ));
         let state = AppState {

@@ -69,7 +69,14 @@ pub async fn get(
         "totals": {"succeeded": counts.succeeded, "failed": counts.failed},
         "recent": recent,
         "queue": if caller.admin {
-            json!({"name": state.publisher.queue(), "depth": queue_depth})
+            json!({
+                "name": state.publisher.queue(),
+                "depth": queue_depth.map(|(routine, urgent)| routine + urgent),
+                "urgent": {
+                    "name": state.publisher.urgent_queue(),
+                    "depth": queue_depth.map(|(_, urgent)| urgent),
+                },
+            })
         } else {
             Value::Null
         },
@@ -78,10 +85,10 @@ pub async fn get(
     })))
 }
 
-/// Messages ready in the job queue, asked over the API's publishing connection; `None`
-/// when the broker cannot be asked right now.
-async fn queue_depth(state: &AppState) -> Option<u32> {
-    tokio::time::timeout(BROKER_TIMEOUT, state.publisher.queue_depth())
+/// Messages ready in the job queue and in the urgent queue, asked over the API's
+/// publishing connection; `None` when the broker cannot be asked right now.
+async fn queue_depth(state: &AppState) -> Option<(u32, u32)> {
+    tokio::time::timeout(BROKER_TIMEOUT, state.publisher.queue_depths())
         .await
         .ok()
         .and_then(Result::ok)

@@ -201,13 +201,18 @@ fn draw(
     ));
     let q = &stats["queue"];
     lines.push(format!(
-        "queue        {} ready in {}",
+        "queue        {} ready in {} and {}",
         if q["depth"].is_null() {
             "? (broker unreachable)".into()
         } else {
-            output::n(&q["depth"])
+            format!(
+                "{} ({} urgent)",
+                output::n(&q["depth"]),
+                output::n(&q["urgent"]["depth"])
+            )
         },
-        output::s(&q["name"])
+        output::s(&q["name"]),
+        output::s(&q["urgent"]["name"])
     ));
     let j = &stats["jobs"];
     lines.push(format!(

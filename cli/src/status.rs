@@ -39,7 +39,12 @@ pub fn print_status(url: &str, ready: bool, readyz: &Value, stats: &Value) {
         if q["depth"].is_null() {
             "unknown (broker unreachable)".into()
         } else {
-            output::n(&q["depth"])
+            format!(
+                "{} ({} of them on {})",
+                output::n(&q["depth"]),
+                output::n(&q["urgent"]["depth"]),
+                output::s(&q["urgent"]["name"])
+            )
         }
     );
     let j = &stats["jobs"];

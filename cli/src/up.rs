@@ -186,6 +186,14 @@ pub fn child_specs(args: &UpArgs, programs: &Programs) -> Vec<ChildSpec> {
         ),
         ("AMQP_URL".to_owned(), args.services.amqp_url.clone()),
         ("PINQ_QUEUE".to_owned(), args.services.queue.clone()),
+        (
+            "PINQ_URGENT_PRIORITY".to_owned(),
+            args.services.urgent_priority.to_string(),
+        ),
+        (
+            "PINQ_MESSAGE_JOBS".to_owned(),
+            args.services.message_jobs.to_string(),
+        ),
         ("RUST_LOG".to_owned(), args.log.log_filter.clone()),
         ("PINQ_LOG_FORMAT".to_owned(), args.log.log_format.clone()),
     ];

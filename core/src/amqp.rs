@@ -1,10 +1,16 @@
 //! RabbitMQ: the dispatch fabric. A message says "these jobs are due", nothing more; the
 //! jobs themselves live in PostgreSQL.
 //!
-//! Topology: one durable classic queue (default `pinq.jobs`) with `x-max-priority = 9`,
-//! published to through the default exchange. Messages are persistent, carry the job's
-//! priority, and are published with publisher confirms: a publish counts only once the
-//! broker acknowledged it.
+//! Topology: two durable classic queues with `x-max-priority = 9`, published to through
+//! the default exchange: the job queue (default `pinq.jobs`), and beside it the urgent
+//! queue (`pinq.jobs.urgent`), which carries the messages of priority
+//! `PINQ_URGENT_PRIORITY` (default 8) and above. Every worker consumes both, each on a
+//! channel with a prefetch window of its own. RabbitMQ orders by priority only the
+//! messages it has not delivered yet, so in one queue an urgent message would wait until
+//! a worker acknowledged one of the lower-priority messages filling its window, which
+//! with slow pins takes as long as a whole message's pins; on a queue of its own it is
+//! delivered at once. Messages are persistent, carry the job's priority, and are published
+//! with publisher confirms: a publish counts only once the broker acknowledged it.
 
 use std::time::Duration;
 
@@ -22,6 +28,11 @@ use crate::model::Priority;
 
 /// Highest message priority the queue honours.
 pub const MAX_PRIORITY: u8 = Priority::MAX;
+
+/// The urgent queue beside `queue`: where messages of the urgent priorities go.
+pub fn urgent_queue(queue: &str) -> String {
+    format!("{queue}.urgent")
+}
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest a group of publishes may wait for the broker's confirms.
@@ -125,29 +136,45 @@ pub async fn queue_depth(channel: &Channel, queue: &str) -> Result<u32, AmqpErro
     Ok(q.message_count())
 }
 
-/// Opens a consuming channel: declares the queue, sets the prefetch bound, and starts a
-/// consumer. The connection is returned so the caller can close it.
-pub async fn open_consumer(
+/// A consumer on one channel of a worker's connection.
+pub struct QueueConsumer {
+    pub queue: String,
+    pub channel: Channel,
+    pub consumer: Consumer,
+}
+
+/// Opens one connection with a consuming channel per queue: each declares its queue, sets
+/// its own prefetch bound and starts a consumer tagged `tag`. The connection is returned so
+/// the caller can close it.
+pub async fn open_consumers(
     url: &str,
-    queue: &str,
+    queues: &[String],
     prefetch: u16,
     tag: &str,
-) -> Result<(Connection, Channel, Consumer), AmqpError> {
+) -> Result<(Connection, Vec<QueueConsumer>), AmqpError> {
     let conn = connect(url, tag).await?;
-    let channel = conn.create_channel().await?;
-    declare_queue(&channel, queue).await?;
-    channel
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await?;
-    let consumer = channel
-        .basic_consume(
-            ShortString::from(queue),
-            ShortString::from(tag),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    Ok((conn, channel, consumer))
+    let mut consumers = Vec::with_capacity(queues.len());
+    for queue in queues {
+        let channel = conn.create_channel().await?;
+        declare_queue(&channel, queue).await?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        let consumer = channel
+            .basic_consume(
+                ShortString::from(queue.as_str()),
+                ShortString::from(tag),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        consumers.push(QueueConsumer {
+            queue: queue.clone(),
+            channel,
+            consumer,
+        });
+    }
+    Ok((conn, consumers))
 }
 
 struct Link {
@@ -160,16 +187,22 @@ struct Link {
 pub struct Publisher {
     url: String,
     queue: String,
+    urgent_queue: String,
+    /// Messages of this priority and above go to the urgent queue.
+    urgent_priority: u8,
     message_jobs: usize,
     link: Mutex<Option<Link>>,
 }
 
 impl Publisher {
-    /// A publisher to `queue` whose messages carry at most `message_jobs` job ids.
-    pub fn new(url: &str, queue: &str, message_jobs: u16) -> Self {
+    /// A publisher to `queue`, and to its urgent queue for messages of `urgent_priority` and
+    /// above, whose messages carry at most `message_jobs` job ids.
+    pub fn new(url: &str, queue: &str, urgent_priority: u8, message_jobs: u16) -> Self {
         Publisher {
             url: url.to_owned(),
             queue: queue.to_owned(),
+            urgent_queue: urgent_queue(queue),
+            urgent_priority,
             message_jobs: usize::from(message_jobs.max(1)),
             link: Mutex::new(None),
         }
@@ -177,6 +210,10 @@ impl Publisher {
 
     pub fn queue(&self) -> &str {
         &self.queue
+    }
+
+    pub fn urgent_queue(&self) -> &str {
+        &self.urgent_queue
     }
 
     /// Opens a connection and a confirming channel with the queue declared, all within
@@ -195,6 +232,7 @@ impl Publisher {
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         declare_queue(&channel, &self.queue).await?;
+        declare_queue(&channel, &self.urgent_queue).await?;
         Ok(Link { conn, channel })
     }
 
@@ -211,15 +249,19 @@ impl Publisher {
         Ok(())
     }
 
-    /// Messages ready in the queue, asked over this publisher's connection (opened if
-    /// needed). The queue always exists here: the publisher declared it on connecting.
-    pub async fn queue_depth(&self) -> Result<u32, AmqpError> {
+    /// Messages ready in the job queue and in the urgent queue, asked over this
+    /// publisher's connection (opened if needed). The queues always exist here: the
+    /// publisher declared them on connecting.
+    pub async fn queue_depths(&self) -> Result<(u32, u32), AmqpError> {
         self.ensure_connected().await?;
         let guard = self.link.lock().await;
         let Some(link) = guard.as_ref() else {
             return Err(AmqpError::ConnectTimeout(CONNECT_TIMEOUT));
         };
-        queue_depth(&link.channel, &self.queue).await
+        Ok((
+            queue_depth(&link.channel, &self.queue).await?,
+            queue_depth(&link.channel, &self.urgent_queue).await?,
+        ))
     }
 
     /// Publishes the jobs (grouped into messages by priority), pipelined, and waits until
@@ -240,11 +282,8 @@ impl Publisher {
         let Some(link) = guard.as_ref() else {
             return Err(AmqpError::ConnectTimeout(CONNECT_TIMEOUT));
         };
-        let result = tokio::time::timeout(
-            CONFIRM_TIMEOUT,
-            publish_all(&link.channel, &self.queue, jobs, self.message_jobs),
-        )
-        .await;
+        let result =
+            tokio::time::timeout(CONFIRM_TIMEOUT, publish_all(&link.channel, self, jobs)).await;
         let result = match result {
             Ok(r) => r,
             Err(_) => Err(AmqpError::ConfirmTimeout(CONFIRM_TIMEOUT)),
@@ -268,12 +307,12 @@ impl Publisher {
 
 async fn publish_all(
     channel: &Channel,
-    queue: &str,
+    to: &Publisher,
     jobs: &[(Uuid, Priority)],
-    message_jobs: usize,
 ) -> Result<(), AmqpError> {
-    let routing_key = ShortString::from(queue);
-    let messages = group_messages(jobs, message_jobs);
+    let routine = ShortString::from(to.queue.as_str());
+    let urgent = ShortString::from(to.urgent_queue.as_str());
+    let messages = group_messages(jobs, to.message_jobs);
     let mut confirms = Vec::with_capacity(messages.len());
     for (priority, ids) in messages {
         let body = JobMessage::encode(&ids);
@@ -282,10 +321,15 @@ async fn publish_all(
             .with_priority(priority.get())
             .with_content_type("application/json".into())
             .with_message_id(ids[0].to_string().into());
+        let routing_key = if priority.get() >= to.urgent_priority {
+            urgent.clone()
+        } else {
+            routine.clone()
+        };
         let confirm = channel
             .basic_publish(
                 ShortString::from(""),
-                routing_key.clone(),
+                routing_key,
                 BasicPublishOptions::default(),
                 &body,
                 props,

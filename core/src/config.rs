@@ -27,9 +27,15 @@ pub struct ServiceArgs {
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     pub amqp_url: String,
-    /// Name of the durable priority queue that carries job messages.
+    /// Name of the durable priority queue that carries job messages. Messages of the
+    /// urgent priorities go to a second queue beside it, named this plus `.urgent`.
     #[arg(long, env = "PINQ_QUEUE", default_value = "pinq.jobs")]
     pub queue: String,
+    /// Jobs of this priority and above travel on the urgent queue, which every worker
+    /// consumes with a prefetch window of its own, so they never wait behind the
+    /// lower-priority messages a busy worker holds. 10 sends every message to the job queue.
+    #[arg(long, env = "PINQ_URGENT_PRIORITY", default_value_t = 8, value_parser = clap::value_parser!(u8).range(0..=10))]
+    pub urgent_priority: u8,
     /// Most job ids one message carries (jobs of one priority published together share
     /// messages; a worker claims a message's jobs in as few statements as its free slots
     /// allow, and acknowledges it once all are claimed).

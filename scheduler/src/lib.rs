@@ -47,6 +47,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     let publisher = Arc::new(Publisher::new(
         &args.services.amqp_url,
         &args.services.queue,
+        args.services.urgent_priority,
         args.services.message_jobs,
     ));
     tracing::info!(queue = %args.services.queue, "pinq-scheduler started");

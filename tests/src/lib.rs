@@ -45,6 +45,24 @@ pub fn amqp_url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+/// Deletes a stack's job queue and its urgent queue, if the broker can be reached.
+pub async fn delete_queues(queue: &str) {
+    let Ok(conn) = pinq_core::amqp::connect(&amqp_url(), "pinq-e2e-cleanup").await else {
+        return;
+    };
+    if let Ok(ch) = conn.create_channel().await {
+        for q in [queue.to_owned(), pinq_core::amqp::urgent_queue(queue)] {
+            let _ = ch
+                .queue_delete(
+                    q.as_str().into(),
+                    lapin::options::QueueDeleteOptions::default(),
+                )
+                .await;
+        }
+    }
+    let _ = conn.close(200, "bye".into()).await;
+}
+
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -1149,19 +1167,7 @@ impl Drop for Stack {
         self.scheduler.take();
         self.ipfs.take();
         let queue = self.queue.clone();
-        run_blocking(async move {
-            if let Ok(conn) = pinq_core::amqp::connect(&amqp_url(), "pinq-e2e-cleanup").await {
-                if let Ok(ch) = conn.create_channel().await {
-                    let _ = ch
-                        .queue_delete(
-                            queue.as_str().into(),
-                            lapin::options::QueueDeleteOptions::default(),
-                        )
-                        .await;
-                }
-                let _ = conn.close(200, "bye".into()).await;
-            }
-        });
+        run_blocking(async move { delete_queues(&queue).await });
         // PINQ_E2E_KEEP_LOGS=1 keeps every test's folder (logs, IPFS repository).
         if !std::thread::panicking() && std::env::var_os("PINQ_E2E_KEEP_LOGS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);

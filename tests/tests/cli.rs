@@ -507,17 +507,7 @@ async fn pinq_up_restarts_a_killed_worker_and_stops_cleanly_on_sigterm() -> anyh
     }
     let log = up.log_text();
     assert!(log.contains("worker"), "{log}");
-    if let Ok(conn) = pinq_core::amqp::connect(&pinq_e2e::amqp_url(), "pinq-e2e-cleanup").await {
-        if let Ok(ch) = conn.create_channel().await {
-            let _ = ch
-                .queue_delete(
-                    queue.as_str().into(),
-                    lapin::options::QueueDeleteOptions::default(),
-                )
-                .await;
-        }
-        let _ = conn.close(200, "bye".into()).await;
-    }
+    pinq_e2e::delete_queues(&queue).await;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

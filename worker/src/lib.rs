@@ -27,13 +27,15 @@ use pinq_core::db::{self, Backend, ClaimedJob, LeaseStatus, Outcome};
 use pinq_core::kubo::{BackendError, KuboClient};
 use pinq_core::model::Op;
 use sqlx::PgPool;
-use tokio::sync::{OwnedSemaphorePermit, RwLock, Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, RwLock, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+mod calls;
 mod pin_groups;
 mod slots;
+use calls::Calls;
 use pin_groups::PinGroups;
 use slots::Slots;
 
@@ -99,8 +101,9 @@ struct Ctx {
     /// plus a small headroom (see [`claim_headroom`]), handed to the deliveries waiting
     /// for them by priority.
     permits: Slots,
-    /// One permit per backend call in flight: the concurrency.
-    calls: Arc<Semaphore>,
+    /// One per backend call in flight: the concurrency, handed to the claimed jobs waiting
+    /// for one by priority.
+    calls: Arc<Calls>,
     /// Successful jobs on their way to the completer.
     completions: mpsc::Sender<Completion>,
     /// Cancelled when the grace period after SIGTERM is over: running jobs are handed back.
@@ -146,7 +149,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     // Successes waiting to be written hold no slot, so this bounds them: at most as many
     // as the worker runs at once, beside the group being written.
     let (completions, completion_rx) = mpsc::channel(args.worker.concurrency.max(16));
-    let calls = Arc::new(Semaphore::new(args.worker.concurrency.max(1)));
+    let calls = Calls::new(args.worker.concurrency.max(1));
     let completer = tokio::spawn(completer_loop(
         pool.clone(),
         id,
@@ -243,8 +246,11 @@ fn reconnect_backoff() -> impl Iterator<Item = Duration> {
 }
 
 /// The consume loop, reconnecting to the broker with backoff whenever the connection
-/// drops. Returns when `shutdown` is cancelled, after cancelling the consumer, with the
-/// open connection (the tasks still running need it to settle their deliveries).
+/// drops. It consumes the job queue and the urgent queue, each on a channel with a prefetch
+/// window of its own (so urgent messages never wait for the job queue's window to move),
+/// and hands every delivery to [`handle_delivery`], where both meet in the worker's slots
+/// by priority. Returns when `shutdown` is cancelled, after cancelling the consumers, with
+/// the open connection (the tasks still running need it to settle their deliveries).
 async fn consume(
     ctx: &Arc<Ctx>,
     services: &ServiceArgs,
@@ -252,15 +258,16 @@ async fn consume(
 ) -> Option<lapin::Connection> {
     let tag = format!("pinq-worker-{}", ctx.id);
     let prefetch = ctx.args.effective_prefetch(services.message_jobs);
+    let queues = [services.queue.clone(), amqp::urgent_queue(&services.queue)];
     let mut backoff = reconnect_backoff();
     loop {
         let opened = tokio::select! {
             _ = shutdown.cancelled() => return None,
-            r = amqp::open_consumer(&services.amqp_url, &services.queue, prefetch, &tag) => r,
+            r = amqp::open_consumers(&services.amqp_url, &queues, prefetch, &tag) => r,
         };
-        let (conn, channel, mut consumer) = match opened {
+        let (conn, consumers) = match opened {
             Ok(c) => {
-                tracing::info!(queue = %services.queue, prefetch, "consuming");
+                tracing::info!(queues = ?queues, prefetch, "consuming");
                 backoff = reconnect_backoff();
                 c
             }
@@ -273,18 +280,34 @@ async fn consume(
                 }
             }
         };
+        let mut channels = Vec::with_capacity(consumers.len());
+        let mut streams = Vec::with_capacity(consumers.len());
+        for c in consumers {
+            channels.push((c.channel, c.queue));
+            // Each consumer's end is marked, so that one cancelled by the broker is noticed
+            // even while the other goes on.
+            streams.push(
+                c.consumer
+                    .map(Some)
+                    .chain(futures::stream::once(async { None }))
+                    .boxed(),
+            );
+        }
+        let mut deliveries = futures::stream::select_all(streams);
         loop {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => None,
-                d = consumer.next() => Some(d),
+                d = deliveries.next() => Some(d.flatten()),
             };
             match next {
                 None => {
                     // Stop receiving. Deliveries already here that were not claimed yet are
                     // requeued by their tasks.
-                    let _ = channel
-                        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-                        .await;
+                    for (channel, _) in &channels {
+                        let _ = channel
+                            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                            .await;
+                    }
                     return Some(conn);
                 }
                 Some(Some(Ok(delivery))) => {
@@ -295,11 +318,18 @@ async fn consume(
                     break;
                 }
                 Some(None) => {
-                    tracing::warn!("consumer cancelled by the broker; reconnecting");
+                    tracing::warn!("a consumer was cancelled by the broker; reconnecting");
                     break;
                 }
             }
         }
+        // Reconnecting: the old connection's deliveries not yet acknowledged go back to
+        // their queues when it closes.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            conn.close(320, "reconnecting".into()),
+        )
+        .await;
     }
 }
 
@@ -323,11 +353,14 @@ async fn handle_delivery(ctx: Arc<Ctx>, delivery: Delivery) {
     // is claimed. Waiting for a share of the slots rather than for one keeps claims (and
     // their commits) few and large when the worker is saturated; when it is not, the slots
     // are free and nothing waits. Deliveries are served in arrival order within a priority
-    // (`Slots`), so a message is never starved by others of its priority; a message of a higher priority is served first. A message
-    // that outranks one already waiting (the worker is saturated with lower priorities)
-    // claims its first part as soon as one slot is free, so its first job starts after
-    // one backend call ends rather than after half the concurrency of them; its later
-    // parts wait for a share like any other.
+    // (`Slots`), so a message is never starved by others of its priority; a message of a
+    // higher priority is served first. A message keeps its place in line until its last
+    // part is claimed: the slots that come free while one of its parts is being claimed
+    // wait for its next part. A message that outranks one already waiting (the worker is
+    // saturated with lower priorities) claims its first part as soon as one slot is free,
+    // so its first job starts after one backend call ends rather than after half the
+    // concurrency of them; its later parts wait for a share like any other. Its jobs then
+    // take the backend calls that end before the lower priorities' claimed jobs (`Calls`).
     let ticket = ctx
         .permits
         .ticket(delivery.properties.priority().unwrap_or(0));
@@ -338,11 +371,13 @@ async fn handle_delivery(ctx: Arc<Ctx>, delivery: Delivery) {
     } else {
         least
     };
+    let mut place = Some(ctx.permits.line_up(&ticket));
     while !rest.is_empty() {
+        let Some(in_line) = place.as_ref() else { break };
         let want = u32::try_from(rest.len().min(share)).unwrap_or(u32::MAX);
         share = least;
         let permit = tokio::select! {
-            p = ctx.permits.acquire(&ticket, want) => p.ok(),
+            p = ctx.permits.acquire_in_line(in_line, want) => p.ok(),
             _ = ctx.stopping.cancelled() => None,
         };
         let Some(mut permit) = permit else {
@@ -359,6 +394,10 @@ async fn handle_delivery(ctx: Arc<Ctx>, delivery: Delivery) {
         }
         let (ids, tail) = rest.split_at(permit.num_permits().min(rest.len()));
         rest = tail;
+        if rest.is_empty() {
+            // The last part: the next delivery in line may take slots while this claims.
+            place = None;
+        }
         let lease = Duration::from_secs(ctx.args.lease_secs.max(3));
         let claimed = match db::claim_jobs(&ctx.pool, ids, ctx.id, lease).await {
             Ok(claimed) => claimed,
@@ -479,7 +518,11 @@ async fn run_job(
     let result = tokio::select! {
         r = async {
             // A backend call slot, unless the job calls nothing.
-            let _call = if job.calls_node() { Some(ctx.calls.acquire().await) } else { None };
+            let _call = if job.calls_node() {
+                Some(ctx.calls.acquire(u8::try_from(job.priority).unwrap_or(0)).await)
+            } else {
+                None
+            };
             execute(job, backend).await
         } => r,
         _ = sig.lost.cancelled() => {
@@ -557,7 +600,7 @@ async fn run_job(
 /// When the completer waits for a small group to grow before writing it.
 struct Linger {
     /// The worker's backend calls: when none is free, the worker is saturated.
-    calls: Arc<Semaphore>,
+    calls: Arc<Calls>,
     /// The worker's concurrency: the calls in flight are this less the free ones.
     concurrency: usize,
     /// A group smaller than this is held back, while the worker is saturated, for up to
@@ -601,13 +644,12 @@ async fn completer_loop(
                 // runtime deliver the answers that have just arrived, so they join this
                 // group instead of waiting for its commit. Each yield costs microseconds.
                 Err(_)
-                    if yields < SETTLE_YIELDS
-                        && linger.calls.available_permits() < linger.concurrency =>
+                    if yields < SETTLE_YIELDS && linger.calls.available() < linger.concurrency =>
                 {
                     yields += 1;
                     tokio::task::yield_now().await;
                 }
-                Err(_) if group.len() < linger.group && linger.calls.available_permits() == 0 => {
+                Err(_) if group.len() < linger.group && linger.calls.available() == 0 => {
                     match tokio::time::timeout_at(until, rx.recv()).await {
                         Ok(Some(c)) => group.push(c),
                         Ok(None) | Err(_) => break,

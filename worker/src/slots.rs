@@ -51,13 +51,33 @@ impl Slots {
     /// Waits for `want` slots, served before every waiter of a lower priority and after
     /// the earlier waiters of the same or a higher one. Cancel-safe: a waiter dropped
     /// before it is served takes nothing and leaves its place to the next.
+    #[cfg(test)]
     pub(crate) async fn acquire(
         &self,
         ticket: &Ticket,
         want: u32,
     ) -> Result<OwnedSemaphorePermit, AcquireError> {
-        let key = ticket.0;
-        let _place = Place::take(self, key);
+        let place = self.line_up(ticket);
+        self.acquire_in_line(&place, want).await
+    }
+
+    /// Puts a delivery in line and keeps its place until the guard is dropped, also while
+    /// it does not wait: between the parts of a delivery claimed in parts, while a part's
+    /// claim statement runs, the slots that come free wait for its next part instead of
+    /// going to a delivery it outranks or that arrived after it.
+    pub(crate) fn line_up(&self, ticket: &Ticket) -> Place<'_> {
+        Place::take(self, ticket.0)
+    }
+
+    /// Waits for `want` slots for the delivery in line at `place`, served before every
+    /// waiter of a lower priority and after the earlier ones of the same or a higher one.
+    /// Cancel-safe: dropped before it is served, it takes nothing.
+    pub(crate) async fn acquire_in_line(
+        &self,
+        place: &Place<'_>,
+        want: u32,
+    ) -> Result<OwnedSemaphorePermit, AcquireError> {
+        let key = place.key;
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -100,8 +120,8 @@ impl Slots {
     }
 }
 
-/// A waiter's place in line, given up when it is served or dropped.
-struct Place<'a> {
+/// A delivery's place in line, given up when dropped.
+pub(crate) struct Place<'a> {
     slots: &'a Slots,
     key: Key,
 }
@@ -226,6 +246,31 @@ mod tests {
         assert!(!later.is_finished(), "the later delivery must wait");
         drop(rest.await.expect("task"));
         drop(later.await.expect("task"));
+    }
+
+    #[tokio::test]
+    async fn slots_freed_between_the_parts_of_a_delivery_wait_for_its_next_part() {
+        let slots = Arc::new(Slots::new(2));
+        let urgent = slots.ticket(9);
+        let place = slots.line_up(&urgent);
+        let part = slots.acquire_in_line(&place, 2).await.expect("open");
+        let low = waiter(&slots, 1, 1);
+        settle().await;
+        // The part's jobs end while the delivery runs its next claim: the lower waiter
+        // must not take their slots meanwhile.
+        drop(part);
+        settle().await;
+        assert!(
+            !low.is_finished(),
+            "the lower waiter took a slot between the parts"
+        );
+        let next = slots.acquire_in_line(&place, 2).await.expect("open");
+        assert_eq!(next.num_permits(), 2);
+        drop(next);
+        settle().await;
+        assert!(!low.is_finished(), "the place is still held");
+        drop(place);
+        assert_eq!(low.await.expect("served").num_permits(), 1);
     }
 
     #[tokio::test]
