@@ -153,6 +153,21 @@ pub async fn open_consumers(
     tag: &str,
 ) -> Result<(Connection, Vec<QueueConsumer>), AmqpError> {
     let conn = connect(url, tag).await?;
+    match consume_each(&conn, queues, prefetch, tag).await {
+        Ok(consumers) => Ok((conn, consumers)),
+        Err(e) => {
+            let _ = conn.close(320, "could not start consuming".into()).await;
+            Err(e)
+        }
+    }
+}
+
+async fn consume_each(
+    conn: &Connection,
+    queues: &[String],
+    prefetch: u16,
+    tag: &str,
+) -> Result<Vec<QueueConsumer>, AmqpError> {
     let mut consumers = Vec::with_capacity(queues.len());
     for queue in queues {
         let channel = conn.create_channel().await?;
@@ -174,7 +189,7 @@ pub async fn open_consumers(
             consumer,
         });
     }
-    Ok((conn, consumers))
+    Ok(consumers)
 }
 
 struct Link {

@@ -283,7 +283,7 @@ async fn consume(
         let mut channels = Vec::with_capacity(consumers.len());
         let mut streams = Vec::with_capacity(consumers.len());
         for c in consumers {
-            channels.push((c.channel, c.queue));
+            channels.push(c.channel);
             // Each consumer's end is marked, so that one cancelled by the broker is noticed
             // even while the other goes on.
             streams.push(
@@ -303,7 +303,7 @@ async fn consume(
                 None => {
                     // Stop receiving. Deliveries already here that were not claimed yet are
                     // requeued by their tasks.
-                    for (channel, _) in &channels {
+                    for channel in &channels {
                         let _ = channel
                             .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
                             .await;
