@@ -5,7 +5,11 @@
 //! semaphore serves its waiters in arrival order, so a priority-9 message delivered behind
 //! a few messages of priority 1 would wait until all of their jobs had been claimed. Here
 //! only the first of the waiters in (priority, arrival) order waits on the semaphore; a
-//! waiter that arrives with a higher priority takes its place at once.
+//! waiter that arrives with a higher priority takes its place at once. A delivery keeps
+//! its place in line until its last part is claimed ([`Slots::line_up`]), so the slots
+//! that come free while one of its parts is being claimed wait for its next part.
+//! (Messages of the urgent priorities also skip the job queue's prefetch window: they
+//! travel on a queue of their own, `pinq_core::amqp`.)
 
 use std::cmp::Reverse;
 use std::collections::BTreeSet;
