@@ -34,13 +34,13 @@ pub fn print_status(url: &str, ready: bool, readyz: &Value, stats: &Value) {
     );
     let q = &stats["queue"];
     println!(
-        "queue      {}  {} message(s) waiting",
+        "queue      {}  {}",
         output::s(&q["name"]),
         if q["depth"].is_null() {
-            "unknown (broker unreachable)".into()
+            "unknown depth (broker unreachable)".into()
         } else {
             format!(
-                "{} ({} of them on {})",
+                "{} message(s) waiting, {} of them on {}",
                 output::n(&q["depth"]),
                 output::n(&q["urgent"]["depth"]),
                 output::s(&q["urgent"]["name"])

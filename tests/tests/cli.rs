@@ -181,10 +181,18 @@ async fn submit_follow_inspect_and_bench_through_the_cli() -> anyhow::Result<()>
     let st = pinq_ok(&stack, &["status", "-o", "json"]).await.json();
     assert_eq!(st["api"]["ready"], true, "{st}");
     assert!(st["stats"]["queue"]["depth"].is_u64(), "{st}");
+    assert!(st["stats"]["queue"]["urgent"]["depth"].is_u64(), "{st}");
     assert_eq!(st["stats"]["jobs"]["succeeded"], 6, "{st}");
     assert!(st["stats"]["workers"]["live"].as_u64() >= Some(1), "{st}");
     let human = pinq_ok(&stack, &["status"]).await;
     assert!(human.stdout.contains("local"), "{}", human.stdout);
+    assert!(
+        human
+            .stdout
+            .contains(&format!("of them on {}.urgent", stack.queue)),
+        "{}",
+        human.stdout
+    );
     let backends = pinq_ok(&stack, &["backends", "ls", "-o", "json"])
         .await
         .json();
