@@ -138,7 +138,6 @@ pub async fn queue_depth(channel: &Channel, queue: &str) -> Result<u32, AmqpErro
 
 /// A consumer on one channel of a worker's connection.
 pub struct QueueConsumer {
-    pub queue: String,
     pub channel: Channel,
     pub consumer: Consumer,
 }
@@ -183,11 +182,7 @@ async fn consume_each(
                 FieldTable::default(),
             )
             .await?;
-        consumers.push(QueueConsumer {
-            queue: queue.clone(),
-            channel,
-            consumer,
-        });
+        consumers.push(QueueConsumer { channel, consumer });
     }
     Ok(consumers)
 }
