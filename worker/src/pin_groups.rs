@@ -92,15 +92,17 @@ impl PinGroups {
     }
 
     /// Unpins `cid`, in a call of its own with the job's timeout (unpins are not grouped:
-    /// see ARCHITECTURE.md).
+    /// see ARCHITECTURE.md). The calls of their own are boxed here and in [`Self::pin_add`]
+    /// so that an HTTP call's state does not enlarge every running job's future (see
+    /// `run_job`).
     pub(crate) async fn pin_rm(&self, cid: &str) -> Result<(), BackendError> {
-        self.client.pin_rm(cid, self.timeout).await
+        Box::pin(self.client.pin_rm(cid, self.timeout)).await
     }
 
     /// Pins `cid`, in a call shared with the pins that start with it.
     pub(crate) async fn pin_add(&self, cid: &str) -> Result<(), BackendError> {
         let Some(gatherer) = &self.gatherer else {
-            return self.client.pin_add(cid, self.timeout).await;
+            return Box::pin(self.client.pin_add(cid, self.timeout)).await;
         };
         let (reply, answer) = oneshot::channel();
         let request = Request {
@@ -108,7 +110,7 @@ impl PinGroups {
             reply,
         };
         if gatherer.send(request).is_err() {
-            return self.client.pin_add(cid, self.timeout).await;
+            return Box::pin(self.client.pin_add(cid, self.timeout)).await;
         }
         match answer.await {
             Ok(result) => result,
