@@ -404,6 +404,8 @@ async fn handle_delivery(ctx: Arc<Ctx>, delivery: Delivery) {
             Err(e) => {
                 tracing::warn!(error = %e, jobs = ids.len(), "could not claim jobs; requeueing the message");
                 drop(permit);
+                // Out of line before the pause, so the deliveries behind it are not held.
+                drop(place);
                 // Do not spin on a dead database: slow the redelivery down a little.
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 requeue(&delivery).await;
