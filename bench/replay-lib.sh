@@ -21,12 +21,17 @@ replay_psql() {
     fi
 }
 
+# Creates the empty scratch database, which is dropped at exit. Argument: database.
+replay_scratch_db() {
+    replay_psql postgres -c "DROP DATABASE IF EXISTS $1" -c "CREATE DATABASE $1"
+    trap 'psql -qX -c "DROP DATABASE IF EXISTS '"$1"'" >/dev/null; rm -rf "$replay_tmp"' EXIT
+}
+
 # Creates the scratch database, which is dropped at exit, and migrates it with
 # migrations/*.sql, each in one transaction; with a second argument, only the migrations
 # before the first whose name ends with it. Arguments: database[, last migration's end].
 replay_db() {
-    replay_psql postgres -c "DROP DATABASE IF EXISTS $1" -c "CREATE DATABASE $1"
-    trap 'psql -qX -c "DROP DATABASE IF EXISTS '"$1"'" >/dev/null; rm -rf "$replay_tmp"' EXIT
+    replay_scratch_db "$1"
     local m
     for m in ../../migrations/*.sql; do
         if [ -n "${2:-}" ]; then case "$m" in *"$2") break ;; esac; fi
@@ -34,19 +39,27 @@ replay_db() {
     done
 }
 
-# Runs pgbench and prints "<label> <rate> jobs/s", its transactions per second times the
-# jobs a transaction handles. Stops the script with pgbench's output if pgbench fails,
-# reports an error or a failed transaction, or prints no rate.
-# Arguments: label, label width, jobs per transaction, pgbench's arguments.
-replay_rate() {
-    local label=$1 width=$2 per=$3 out=$replay_tmp/pgbench.out err=$replay_tmp/pgbench.err
-    shift 3
+# Runs pgbench with its report in $replay_tmp/pgbench.out. Stops the script with pgbench's
+# output if pgbench fails, reports an error or a failed transaction, or prints no rate.
+# Arguments: label (for the error), pgbench's arguments.
+replay_pgbench() {
+    local label=$1 out=$replay_tmp/pgbench.out err=$replay_tmp/pgbench.err
+    shift
     if ! pgbench "$@" >"$out" 2>"$err" || grep -qiE 'error|abort' "$err" ||
         grep -qE '^number of failed transactions: [1-9]' "$out" || ! grep -q '^tps' "$out"; then
         echo "pgbench failed ($label):" >&2
         cat "$err" "$out" >&2
         exit 1
     fi
+}
+
+# Runs pgbench and prints "<label> <rate> jobs/s", its transactions per second times the
+# jobs a transaction handles; stops the script as replay_pgbench does.
+# Arguments: label, label width, jobs per transaction, pgbench's arguments.
+replay_rate() {
+    local label=$1 width=$2 per=$3
+    shift 3
+    replay_pgbench "$label" "$@"
     awk -v what="$label" -v w="$width" -v per="$per" \
-        '/^tps/ {printf("%-" w "s %8.0f jobs/s\n", what, $3 * per)}' "$out"
+        '/^tps/ {printf("%-" w "s %8.0f jobs/s\n", what, $3 * per)}' "$replay_tmp/pgbench.out"
 }

@@ -19,7 +19,9 @@
 //! - `realnode`: pins/s through pinq on a real js-ipfs node, beside a plain client;
 //! - `index`: the scheduler's index update on a backend with 100,000 pins in pinq's index
 //!   (1 % of them lost by the node, which also holds 1 % more that pinq does not know):
-//!   how long a run takes, the WAL it writes, the pin rows it rewrites.
+//!   how long a run takes, the WAL it writes, the pin rows it rewrites;
+//! - `pgonly`: pinq's own PostgreSQL statements alone (stored, claimed and succeeded
+//!   without the API, the worker, RabbitMQ or a backend): what they cost a job.
 //!
 //! Every scenario but `realnode` uses a TEST DOUBLE of the Kubo RPC (instant backend),
 //! for load and fault injection only (`pinq_e2e::kubo_double`): a real node cannot
@@ -27,6 +29,7 @@
 //! from the double is labelled so. Memory figures are each process's peak resident set
 //! (`VmHWM`). Only 127.0.0.1 is contacted; every loop is bounded in count and time.
 
+mod pgonly;
 mod report;
 mod rss;
 
@@ -48,7 +51,7 @@ use uuid::Uuid;
 #[derive(Debug, Clone, Parser)]
 #[command(about = "pinq's full-stack throughput and latency benchmark (issue 7)")]
 struct Opts {
-    /// all, or one of: ingest, e2e, latency, priority, inflight, realnode, index
+    /// all, or one of: ingest, e2e, latency, priority, inflight, realnode, index, pgonly
     /// (comma-separated).
     #[arg(long, default_value = "all")]
     scenario: String,
@@ -115,6 +118,14 @@ struct Opts {
     /// Error rate the double injects on pin/add (fault-injection runs; 0 for the bench).
     #[arg(long, default_value_t = 0.0)]
     double_error_rate: f64,
+    /// Jobs a statement in the `pgonly` scenario's claims and successes (a message's jobs).
+    #[arg(long, default_value_t = 128)]
+    pg_group: usize,
+    /// Diagnostic: SQL run on the `pgonly` scenario's database after its migrations
+    /// (repeatable), for A/B runs of a schema change, e.g.
+    /// `--pg-sql 'ALTER TABLE jobs DISABLE TRIGGER USER'`.
+    #[arg(long = "pg-sql", value_name = "SQL")]
+    pg_sql: Vec<String>,
     /// PINQ_DB_MAX_CONNECTIONS of every process.
     #[arg(long, default_value_t = 16)]
     db_connections: u32,
@@ -158,8 +169,8 @@ impl Opts {
     }
 }
 
-const SCENARIOS: [&str; 7] = [
-    "ingest", "e2e", "latency", "priority", "inflight", "realnode", "index",
+const SCENARIOS: [&str; 8] = [
+    "ingest", "e2e", "latency", "priority", "inflight", "realnode", "index", "pgonly",
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -1773,6 +1784,10 @@ async fn main() -> anyhow::Result<()> {
         );
         run("index".into(), index_update(&opts).await);
     }
+    if opts.runs("pgonly") {
+        println!("== pinq's PostgreSQL statements alone (no API, worker, RabbitMQ or backend)");
+        run("pgonly".into(), pgonly::pg_only(&opts).await);
+    }
 
     println!("== summary (targets from issue 7; {DOUBLE_NOTE}, except realnode)");
     report::print_table(&metrics);
@@ -1802,6 +1817,7 @@ async fn main() -> anyhow::Result<()> {
             "node_concurrency": opts.node_concurrency, "log": opts.log,
             "index_pins": opts.index_pins, "index_runs": opts.index_runs,
             "db_connections": opts.db_connections, "pin_group": opts.pin_group,
+            "pg_group": opts.pg_group, "pg_sql": opts.pg_sql,
             "env": opts.env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
         },
         "results": metrics.iter().map(Metric::to_json).collect::<Vec<_>>(),
