@@ -132,6 +132,8 @@ impl Server {
                 priority: pinq_core::model::Priority::new(i64::from(args.api.psa.psa_priority))
                     .context("invalid PINQ_PSA_PRIORITY")?,
                 swarm_port: args.api.psa.psa_swarm_port,
+                delegates: pinq_core::psa::configured_delegates(&args.api.psa.psa_delegates)
+                    .map_err(|e| anyhow::anyhow!("invalid PINQ_PSA_DELEGATES: {e}"))?,
             }),
             peers: Arc::new(pins::PeerCache::default()),
             http: pinq_core::kubo::KuboClient::http_client(),

@@ -37,6 +37,9 @@ pub struct PsaConfig {
     pub backends: Vec<String>,
     pub priority: Priority,
     pub swarm_port: u16,
+    /// The operator's delegates (`PINQ_PSA_DELEGATES`): when any, every pin request names
+    /// these, and no backend is asked for its addresses.
+    pub delegates: Vec<String>,
 }
 
 /// Backend node identities (peer id and reported addresses), cached for a while so a
@@ -460,7 +463,7 @@ impl PeerCache {
                         .insert(b.id, (Instant::now(), id, addrs));
                 }
                 None => {
-                    tracing::warn!(backend = %b.name, "no peer id known for backend; it is left out of delegates");
+                    tracing::warn!(backend = %b.name, "no peer id known for backend; it is left out of delegates (PINQ_PSA_DELEGATES names them instead)");
                 }
             }
         }
@@ -468,8 +471,14 @@ impl PeerCache {
     }
 }
 
-/// Renders rows, computing delegates once per backend.
+/// Renders rows, computing delegates once per backend (or naming the operator's).
 async fn render(state: &AppState, rows: &[PinRequestRow]) -> PsaResult<Vec<Value>> {
+    if !state.psa.delegates.is_empty() {
+        return Ok(rows
+            .iter()
+            .map(|r| status_json(r, state.psa.delegates.clone()))
+            .collect());
+    }
     let mut names: Vec<String> = rows.iter().flat_map(|r| r.backends.clone()).collect();
     names.sort();
     names.dedup();

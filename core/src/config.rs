@@ -124,6 +124,17 @@ pub struct PsaArgs {
     /// (`/ip4/<backend host>/tcp/<port>/p2p/<peer id>`) when a node reports no address.
     #[arg(long, env = "PINQ_PSA_SWARM_PORT", default_value_t = 4001)]
     pub psa_swarm_port: u16,
+    /// Multiaddrs every pin request names as its `delegates`, in place of the addresses
+    /// learnt from the backends (say the nodes' public addresses, which a node behind NAT
+    /// does not report), comma-separated, each ending in `/p2p/<peer id>`, at most 20.
+    /// Empty: the backends' own addresses.
+    #[arg(
+        long,
+        env = "PINQ_PSA_DELEGATES",
+        value_delimiter = ',',
+        default_value = ""
+    )]
+    pub psa_delegates: Vec<String>,
 }
 
 /// The worker's settings.

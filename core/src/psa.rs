@@ -147,6 +147,36 @@ pub fn format_created(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
+/// The operator's `delegates` (`PINQ_PSA_DELEGATES`), checked: each a multiaddr (starting
+/// with `/`, no spaces) whose last part names the peer (`/p2p/<peer id>`), none listed
+/// twice, at most [`MAX_ORIGINS`] (the spec's bounds). Empty entries are skipped. The
+/// error says which entry is wrong and why.
+pub fn configured_delegates(list: &[String]) -> Result<Vec<String>, String> {
+    let mut out: Vec<String> = Vec::new();
+    for entry in list.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
+        let peer = entry
+            .rsplit_once("/p2p/")
+            .map(|(_, id)| id)
+            .filter(|id| !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric()));
+        if !entry.starts_with('/') || entry.contains(char::is_whitespace) || peer.is_none() {
+            return Err(format!(
+                "'{entry}' is not a multiaddr that ends in /p2p/<peer id>, such as /ip4/203.0.113.1/tcp/4001/p2p/12D3KooW…"
+            ));
+        }
+        if out.iter().any(|d| d == entry) {
+            return Err(format!("'{entry}' is listed twice"));
+        }
+        out.push(entry.to_owned());
+    }
+    if out.len() > MAX_ORIGINS {
+        return Err(format!(
+            "{} addresses are listed; a pin request names at most {MAX_ORIGINS}",
+            out.len()
+        ));
+    }
+    Ok(out)
+}
+
 /// The delegate multiaddr of a backend: `/ip4|ip6|dns4/<host>/tcp/<port>/p2p/<peer id>`,
 /// from the host of its RPC URL. Used because a node may report no address of its own
 /// (js-ipfs offline answers `Addresses: []`).
@@ -822,6 +852,51 @@ mod tests {
         );
         assert_eq!(delegate_from_url("http://:5001", 4001, id), None);
         assert_eq!(delegate_from_url("http://h:1", 4001, ""), None);
+    }
+
+    #[test]
+    fn configured_delegates_are_checked() {
+        let ok =
+            |v: &[&str]| configured_delegates(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(ok(&[]), Ok(vec![]));
+        assert_eq!(ok(&[""]), Ok(vec![]));
+        assert_eq!(
+            ok(&[
+                " /dns4/pin.example.net/tcp/4001/p2p/12D3KooWAbc ",
+                "/ip4/203.0.113.1/udp/4001/quic-v1/p2p/QmPeer"
+            ]),
+            Ok(vec![
+                "/dns4/pin.example.net/tcp/4001/p2p/12D3KooWAbc".to_owned(),
+                "/ip4/203.0.113.1/udp/4001/quic-v1/p2p/QmPeer".to_owned()
+            ])
+        );
+        for bad in [
+            "ip4/1.2.3.4/tcp/4001/p2p/QmPeer",
+            "/ip4/1.2.3.4/tcp/4001",
+            "/ip4/1.2.3.4/tcp/4001/p2p/",
+            "/ip4/1.2.3.4/tcp/4001/p2p/QmPeer/p2p-circuit",
+            "/ip4/1.2.3.4/tcp/4001/p2p/Qm Peer",
+        ] {
+            let err = ok(&[bad]).unwrap_err();
+            assert!(
+                err.contains(bad) && err.contains("/p2p/<peer id>"),
+                "{bad}: {err}"
+            );
+        }
+        let twice = ok(&[
+            "/ip4/1.2.3.4/tcp/4001/p2p/QmPeer",
+            "/ip4/1.2.3.4/tcp/4001/p2p/QmPeer",
+        ]);
+        assert!(twice.unwrap_err().contains("listed twice"));
+        let many: Vec<String> = (0..21)
+            .map(|i| format!("/ip4/10.0.0.{i}/tcp/4001/p2p/QmPeer"))
+            .collect();
+        assert!(
+            configured_delegates(&many)
+                .unwrap_err()
+                .contains("at most 20")
+        );
+        assert_eq!(configured_delegates(&many[..20]).map(|d| d.len()), Ok(20));
     }
 
     #[test]

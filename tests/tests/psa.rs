@@ -582,3 +582,58 @@ async fn a_delete_then_an_add_of_one_cid_leaves_it_pinned_and_the_reverse_unpinn
 fn urlencode(s: &str) -> String {
     s.replace('+', "%2B").replace(':', "%3A")
 }
+
+/// `PINQ_PSA_DELEGATES`: the operator's addresses are every pin request's `delegates`,
+/// in order, on add, get and list, even while the placement backend has never answered
+/// (without the setting, such a backend's delegates cannot be known). A value that is not
+/// a list of peer multiaddrs stops the API at start, naming the setting and the entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_delegates_are_named_even_for_a_backend_never_reached() -> anyhow::Result<()> {
+    let spec = Spec::load();
+    let mine = [
+        "/dns4/pin.example.net/tcp/4001/p2p/12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo",
+        "/ip4/203.0.113.7/udp/4001/quic-v1/p2p/12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo",
+    ];
+    let mut stack = Stack::new().await?;
+    stack.env.push((
+        "PINQ_PSA_DELEGATES".into(),
+        format!("{}, {}", mine[0], mine[1]),
+    ));
+    stack.start_api().await?;
+    // Nothing listens on port 9: no `id` call or health probe ever reaches this node.
+    stack
+        .register_backend("unreached", "http://127.0.0.1:9")
+        .await?;
+    let token = user_token(&stack, "delegated").await?;
+    let t = Some(token.as_str());
+
+    let cid = pinq_e2e::random_cid();
+    let (code, added) = call(&stack, t, Method::POST, "/pins", Some(json!({"cid": cid}))).await?;
+    assert_eq!(code, 202, "{added}");
+    spec.check("PinStatus", &added);
+    assert_eq!(added["delegates"], json!(mine), "{added}");
+    let rid = added["requestid"].as_str().unwrap_or_default().to_owned();
+    let (code, got) = call(&stack, t, Method::GET, &format!("/pins/{rid}"), None).await?;
+    assert_eq!(code, 200, "{got}");
+    assert_eq!(got["delegates"], json!(mine), "{got}");
+    let (code, list) = call(&stack, t, Method::GET, &format!("/pins?{ALL}"), None).await?;
+    assert_eq!(code, 200, "{list}");
+    spec.check("PinResults", &list);
+    assert_eq!(list["results"][0]["delegates"], json!(mine), "{list}");
+
+    let mut bad = Stack::new().await?;
+    bad.env.push((
+        "PINQ_PSA_DELEGATES".into(),
+        format!("{},/ip4/203.0.113.7/tcp/4001", mine[0]),
+    ));
+    let err = bad
+        .start_api()
+        .await
+        .expect_err("the API refuses delegates without a peer id");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("invalid PINQ_PSA_DELEGATES") && text.contains("'/ip4/203.0.113.7/tcp/4001'"),
+        "{text}"
+    );
+    Ok(())
+}
