@@ -7,9 +7,9 @@
 //! message, guards it (a worker that dies leaves leases that expire, and the relay
 //! publishes those jobs again). Jobs that cannot be claimed (already running, finished,
 //! or unknown) were duplicate deliveries and are dropped. Successful outcomes are written
-//! in groups by one completer task: whatever finished while the previous group was being
-//! written goes in the next, so a busy worker commits many jobs per transaction and an
-//! idle one commits at once.
+//! in groups by one completer task, two groups at a time: whatever finished while the
+//! groups under way were being written goes in the next, so a busy worker commits many jobs
+//! per transaction and an idle one commits at once.
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -89,6 +89,13 @@ fn claim_headroom(concurrency: usize) -> usize {
 /// Most successful jobs written in one statement.
 const MAX_COMPLETION_GROUP: usize = 1024;
 
+/// Groups of successes written at once, each in its own transaction. With two, one
+/// group's statement runs while the other's commit waits for its WAL flush, and the
+/// worker's next claims are not held behind a single write; the groups' jobs are
+/// disjoint, and two running jobs never share a pin-index row (jobs on one CID and
+/// backend run one at a time), so the writes never wait on each other.
+const COMPLETION_WRITERS: u32 = 2;
+
 struct Ctx {
     id: Uuid,
     pool: PgPool,
@@ -146,9 +153,11 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     tracing::info!(worker_id = %id, concurrency = args.worker.concurrency, prefetch = args.worker.effective_prefetch(args.services.message_jobs), "pinq-worker started");
     println!("pinq-worker {id} started");
 
-    // Successes waiting to be written hold no slot, so this bounds them: at most as many
-    // as the worker runs at once, beside the group being written.
-    let (completions, completion_rx) = mpsc::channel(args.worker.concurrency.max(16));
+    // Successes waiting to be written hold no slot, so this bounds them, beside the groups
+    // being written: as many as the worker runs at once, and at least one whole group, so
+    // that a job whose call has ended gives its slot back rather than wait for a write.
+    let (completions, completion_rx) =
+        mpsc::channel(args.worker.concurrency.max(MAX_COMPLETION_GROUP));
     let calls = Calls::new(args.worker.concurrency.max(1));
     let completer = tokio::spawn(completer_loop(
         pool.clone(),
@@ -624,7 +633,8 @@ const LINGER: Duration = Duration::from_millis(10);
 const SETTLE_YIELDS: usize = 8;
 
 /// Records successful jobs in groups: it takes whatever is waiting, writes it in one
-/// transaction, and answers each job. Ends when every sender is gone.
+/// transaction, and answers each job, with up to [`COMPLETION_WRITERS`] groups being
+/// written at once. Ends when every sender is gone and every write has ended.
 ///
 /// While every backend call is taken, a small group waits up to [`LINGER`] for more:
 /// the jobs' slots were given back when they were handed over, so the wait costs the
@@ -640,9 +650,15 @@ async fn completer_loop(
     linger: Linger,
     mut rx: mpsc::Receiver<Completion>,
 ) {
-    let mut group: Vec<Completion> = Vec::new();
-    while let Some(first) = rx.recv().await {
-        group.push(first);
+    let writers = Arc::new(tokio::sync::Semaphore::new(COMPLETION_WRITERS as usize));
+    loop {
+        // A writer's turn first: while every writer is busy, successes gather in the
+        // channel and make the next group.
+        let Ok(turn) = writers.clone().acquire_owned().await else {
+            break;
+        };
+        let Some(first) = rx.recv().await else { break };
+        let mut group = vec![first];
         let until = tokio::time::Instant::now() + LINGER;
         let mut yields = 0;
         while group.len() < MAX_COMPLETION_GROUP {
@@ -666,27 +682,44 @@ async fn completer_loop(
                 Err(_) => break,
             }
         }
-        let jobs: Vec<&ClaimedJob> = group.iter().map(|c| &c.job).collect();
-        let deadline = tokio::time::Instant::now() + patience;
-        let mut backoff = reconnect_backoff();
-        let written = loop {
-            match db::finish_succeeded(&pool, &jobs, worker_id).await {
-                Ok(ids) => break ids,
-                Err(e) => {
-                    let wait = backoff.next().unwrap_or(Duration::from_secs(5));
-                    if tokio::time::Instant::now() + wait > deadline {
-                        tracing::error!(error = %e, jobs = jobs.len(), "could not record successes; their leases will expire and they will run again");
-                        break Vec::new();
-                    }
-                    tracing::warn!(error = %e, jobs = jobs.len(), "could not record successes; retrying");
-                    tokio::time::sleep(wait).await;
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            write_successes(&pool, worker_id, patience, group).await;
+            drop(turn);
+        });
+    }
+    // The writes under way end before the completer does.
+    let _ = writers.acquire_many(COMPLETION_WRITERS).await;
+}
+
+/// Writes one group of successes, retrying while PostgreSQL is unreachable (up to
+/// `patience`: the leases run out after that anyway), and answers each job.
+async fn write_successes(
+    pool: &PgPool,
+    worker_id: Uuid,
+    patience: Duration,
+    group: Vec<Completion>,
+) {
+    let jobs: Vec<&ClaimedJob> = group.iter().map(|c| &c.job).collect();
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut backoff = reconnect_backoff();
+    let written = loop {
+        match db::finish_succeeded(pool, &jobs, worker_id).await {
+            Ok(ids) => break ids,
+            Err(e) => {
+                let wait = backoff.next().unwrap_or(Duration::from_secs(5));
+                if tokio::time::Instant::now() + wait > deadline {
+                    tracing::error!(error = %e, jobs = jobs.len(), "could not record successes; their leases will expire and they will run again");
+                    break Vec::new();
                 }
+                tracing::warn!(error = %e, jobs = jobs.len(), "could not record successes; retrying");
+                tokio::time::sleep(wait).await;
             }
-        };
-        let written: std::collections::HashSet<Uuid> = written.into_iter().collect();
-        for c in group.drain(..) {
-            let _ = c.written.send(written.contains(&c.job.id));
         }
+    };
+    let written: std::collections::HashSet<Uuid> = written.into_iter().collect();
+    for c in group {
+        let _ = c.written.send(written.contains(&c.job.id));
     }
 }
 
