@@ -89,11 +89,11 @@ fn claim_headroom(concurrency: usize) -> usize {
 /// Most successful jobs written in one statement.
 const MAX_COMPLETION_GROUP: usize = 1024;
 
-/// Groups of successes written at once, each in its own transaction. With two, one
-/// group's statement runs while the other's commit waits for its WAL flush, and the
-/// worker's next claims are not held behind a single write; the groups' jobs are
-/// disjoint, and two running jobs never share a pin-index row (jobs on one CID and
-/// backend run one at a time), so the writes never wait on each other.
+/// Groups of successes written at once, each in its own transaction. With one, a worker
+/// kept PostgreSQL on little more than one core: two groups' statements and commits
+/// overlap, and the worker's next claims are not held behind a single write. The groups'
+/// jobs are disjoint, and two running jobs never share a pin-index row (jobs on one CID
+/// and backend run one at a time), so the writes do not wait on each other's rows.
 const COMPLETION_WRITERS: u32 = 2;
 
 struct Ctx {
