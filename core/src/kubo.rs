@@ -474,19 +474,28 @@ where
     })
 }
 
-/// Whether a `pin/add` answer's `Pins` names every one of `cids`, each compared in its
-/// canonical form (a node may answer in another spelling than the one sent: a CIDv0 as
-/// base58, a CIDv1 in its own base).
+/// Whether a `pin/add` answer's `Pins` names every one of `cids`: as sent, or else in
+/// another spelling of the same CID (a node may answer a CIDv0 as base58, a CIDv1 in its
+/// own base), compared in canonical form. Nodes answer in the spelling they were sent
+/// almost always, so the canonical forms, which cost a parse and an encoding each, are
+/// worked out only for a CID the answer does not name as sent.
 fn pins_name_all(answer: &Value, cids: &[&str]) -> bool {
     let Some(Value::Array(pins)) = answer.get("Pins") else {
         return false;
     };
-    let pinned: std::collections::HashSet<String> = pins
-        .iter()
-        .filter_map(|p| p.as_str().and_then(crate::cid::canonical_of))
-        .collect();
-    cids.iter()
-        .all(|c| crate::cid::canonical_of(c).is_some_and(|k| pinned.contains(&k)))
+    let named: std::collections::HashSet<&str> = pins.iter().filter_map(Value::as_str).collect();
+    let mut canonical: Option<std::collections::HashSet<String>> = None;
+    cids.iter().all(|c| {
+        named.contains(c) || {
+            let pinned = canonical.get_or_insert_with(|| {
+                named
+                    .iter()
+                    .filter_map(|p| crate::cid::canonical_of(p))
+                    .collect()
+            });
+            crate::cid::canonical_of(c).is_some_and(|k| pinned.contains(&k))
+        }
+    })
 }
 
 #[cfg(test)]
@@ -516,6 +525,9 @@ mod tests {
         assert!(!pins_name_all(&answer(&[other, other]), &[v0, other]));
         assert!(!pins_name_all(&answer(&[v0]), &[v0, other]));
         assert!(!pins_name_all(&answer(&["not a cid", v0]), &[v0, other]));
+        // One CID as sent, the other only in another spelling.
+        assert!(pins_name_all(&answer(&[other, &v1]), &[other, v0]));
+        assert!(!pins_name_all(&answer(&[v0, &v1]), &[v0, other]));
         assert!(!pins_name_all(&serde_json::json!({}), &[v0]));
         assert!(!pins_name_all(&serde_json::json!({ "Pins": "x" }), &[v0]));
     }
