@@ -1,0 +1,23 @@
+-- Each page of `jobs` keeps room for two more versions of every row it is filled with:
+-- a job's claim and its success both update the row in place (HOT), without waiting for
+-- the first update's old version to be pruned.
+--
+-- At `fillfactor = 50` (the `hot_jobs` migration) a page had room for one more version of
+-- each row, which the claim takes (a claimed row is a little longer). The success then
+-- fits only once the versions from before the claims are pruned, and a version can be
+-- pruned only when no running statement is older than the claim that replaced it. With
+-- claims and groups of successes running side by side (a worker writes two groups at
+-- once, and statements of 50–160 ms were sampled under load), 30–42 % of the updates of
+-- `jobs` in an end-to-end run were not HOT: each wrote its row on another page and added
+-- an entry to every index of `jobs`. At 33 every one of them was HOT.
+--
+-- Measured taking turns with 50 (docs/performance.md): pinq's statements alone
+-- (`--scenario pgonly`), the claims and successes 50.0–55.5 µs of PostgreSQL a job
+-- against 59.9–82.2, 29,106–31,597 jobs/s against 20,087–27,111; end to end, higher in
+-- ten of twelve pairs; ingest within 2 % in one hour, 14 % lower in a slower one. At the
+-- end of an end-to-end run of 100,000 jobs the table was smaller, not larger (97 MiB and
+-- 16–17 MiB of indexes, against 110–112 and 21): the updates that were not HOT had
+-- extended it and its indexes.
+--
+-- Only new rows are placed by the setting; the rows already stored stay where they are.
+ALTER TABLE jobs SET (fillfactor = 33);
