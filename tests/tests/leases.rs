@@ -98,8 +98,8 @@ async fn no_index_of_jobs_names_a_column_that_claims_or_successes_change() -> an
     .await?;
     assert_eq!(updates, 400, "one claim and one success per job");
     // Every one of them was a new entry in every index before (none HOT). Each page now
-    // keeps room for both updates of the rows it is filled with (the
-    // `jobs_room_for_two_updates` migration), so none needs the page pruned first.
+    // keeps room for both updates of rows like these (the `jobs_room_for_two_updates`
+    // migration), so none needs the page pruned first.
     assert_eq!(
         hot, updates,
         "only {hot} of {updates} updates of jobs were HOT"
