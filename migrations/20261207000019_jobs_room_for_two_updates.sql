@@ -1,24 +1,30 @@
--- Each page of `jobs` keeps room for two more versions of every row it is filled with:
--- a job's claim and its success both update the row in place (HOT), without waiting for
--- the first update's old version to be pruned.
+-- Each page of `jobs` keeps room for two more versions of every row it is filled with: a
+-- job's claim and its success both update the row in place (HOT) by that room alone,
+-- without waiting for the first update's old version to be pruned.
 --
 -- At `fillfactor = 50` (the `hot_jobs` migration) a page had room for one more version of
--- each row, which the claim takes (a claimed row is a little longer). The success then
--- fits only once the versions from before the claims are pruned, and a version can be
--- pruned only when no running statement is older than the claim that replaced it. With
+-- each row, which the claim takes (a claimed row is 32 bytes longer, a succeeded one 40 to
+-- 48). The success then fitted only once the versions from before the claims were pruned,
+-- and a version can be pruned only when no snapshot that could still see it is open. With
 -- claims and groups of successes running side by side (a worker writes two groups at
 -- once, and statements of 50–160 ms were sampled under load), 30–42 % of the updates of
 -- `jobs` in an end-to-end run were not HOT: each wrote its row on another page and added
--- an entry to every index of `jobs`. At 33 every one of them was HOT.
+-- an entry to every index of `jobs`.
 --
--- Measured taking turns with 50 (docs/performance.md): pinq's statements alone
--- (`--scenario pgonly`), the claims and successes 50.0–55.5 µs of PostgreSQL a job
--- against 59.9–82.2, 29,106–31,597 jobs/s against 20,087–27,111; end to end, higher in
--- thirteen of fifteen pairs, PostgreSQL 10–14 % less a job; the ingest, whose pages hold
--- a third fewer rows, 2–14 % slower in three series of pairs. At the end of an
--- end-to-end run of 100,000 jobs the table was smaller, not larger (97 MiB and 16–17 MiB
--- of indexes, against 109–115 and 21): the updates that were not HOT had extended it and
--- its indexes.
+-- Why 30: a page filled to 30 % also holds the claimed and the succeeded version of each
+-- of its rows, for any row of at least 190 bytes (the shortest job row, with a CID shorter
+-- than any real one, is 220). With no pruning at all (a snapshot held open;
+-- tests/tests/leases.rs), every claim and success of rows with names of 0 to 400 bytes
+-- was HOT at 30. At 33 a page filled close to its limit left its last success without
+-- room (1,913 of 1,968 HOT), and at 50 most successes (1,035 of 1,968).
+--
+-- Measured (docs/performance.md). Against 50, at 33: pinq's statements alone (`--scenario
+-- pgonly`) took 50.0–55.5 µs of PostgreSQL a job for the claims and successes, against
+-- 59.9–82.2; end to end, higher in thirteen of fifteen pairs, PostgreSQL 10–14 % less a
+-- job; the ingest, whose pages hold fewer rows, 2–14 % slower in three series of pairs.
+-- 30 against 33, six pairs each: the same within noise end to end, at ingest and in
+-- `pgonly`. The table after an end-to-end run of 100,000 jobs: 111 MiB at 30, 97 at 33,
+-- 109–115 at 50 (extended by the updates that were not HOT).
 --
 -- Only new rows are placed by the setting; the rows already stored stay where they are.
-ALTER TABLE jobs SET (fillfactor = 33);
+ALTER TABLE jobs SET (fillfactor = 30);
